@@ -1,0 +1,43 @@
+# iteravg: every target sets up what it needs first (idempotent, seconds when already done).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.iteravg-stamps/ready
+NP    ?= 2
+
+export OMPI_ALLOW_RUN_AS_ROOT ?= 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
+export OMPI_MCA_rmaps_base_oversubscribe ?= 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup test test-fast demo bench docs soak clean
+
+setup: $(STAMP)
+$(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c
+	bash scripts/install.sh $(VENV)
+	@touch $@
+
+## The whole test suite: unit, differential, GluonTS trainer, multi-rank jobs, end-to-end, docs build.
+test: setup
+	$(PY) -m pytest -q -rs
+
+## Single-process tests only (no horovodrun / mpirun jobs).
+test-fast: setup
+	$(PY) -m pytest -q -m "not multirank"
+
+## The main job: 2-rank data-parallel training with synchronised averaging on the embedded data set.
+demo: setup
+	bash launch/horovodrun-local.sh $(NP) --out runs/demo
+
+bench: setup
+	$(PY) benchmarks/bench_update.py
+	bash launch/horovodrun-local.sh 2 --bench-sync
+
+docs: setup
+	$(PY) -m mkdocs build --strict -d site
+
+soak: setup
+	$(PY) tests/soak.py
+
+clean:
+	rm -rf $(VENV) site build src/*.egg-info runs

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install everything iteravg needs on a fresh Debian machine (root) or container.
+# Shared by the Makefile (`make setup`) and docker/Dockerfile, so both install the same way.
+#
+# Idempotent: each step checks whether it is already done, so a second run takes seconds.
+# Usage: scripts/install.sh [VENV_DIR]   (default: .venv at the repo root; "system" installs into the current python)
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${1:-$here/.venv}
+stamp_dir=$venv/.iteravg-stamps
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+# 1. System packages: Open MPI (Horovod's MPI controller, mpi4py) and Debian's cmake 3.x
+#    (pip's cmake 4.x rejects gloo's CMakeLists; Horovod's build needs cmake < 4).
+need_apt=()
+command -v mpirun >/dev/null 2>&1 || need_apt+=(openmpi-bin)
+[ -e /usr/include/x86_64-linux-gnu/openmpi ] || [ -e /usr/lib/x86_64-linux-gnu/openmpi/include ] \
+  || dpkg -s libopenmpi-dev >/dev/null 2>&1 || need_apt+=(libopenmpi-dev)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+# 2. The virtual environment.
+if [ "$venv" = system ]; then
+  py=python3
+  stamp_dir=/var/lib/iteravg-stamps
+else
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating $venv"
+    python3 -m venv "$venv"
+  fi
+  py=$venv/bin/python
+fi
+mkdir -p "$stamp_dir"
+pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+
+# 3. Python dependencies, in the order that works: numpy pinned for mxnet (numpy 1.24 removed np.bool),
+#    then mxnet, then Horovod built from source against both.
+if [ ! -e "$stamp_dir/base" ]; then
+  log "installing numpy, mxnet, mpi4py and test/doc tools"
+  pip --upgrade "pip<26" wheel "setuptools<70"
+  pip -r "$here/requirements/base.txt"
+  touch "$stamp_dir/base"
+fi
+if [ ! -e "$stamp_dir/horovod" ] || ! "$py" -c 'import horovod.mxnet' >/dev/null 2>&1; then
+  log "building horovod 0.28.1 from source (MXNet + MPI + Gloo), ~80 s"
+  # Debian's cmake first on PATH: a cmake 4.x from pip would break gloo's build.
+  PATH=/usr/bin:$PATH \
+  HOROVOD_WITH_MXNET=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
+    "$py" -m pip install --disable-pip-version-check -q --no-build-isolation --no-cache-dir horovod==0.28.1
+  touch "$stamp_dir/horovod"
+fi
+if [ ! -e "$stamp_dir/dev" ]; then
+  log "installing test and docs dependencies"
+  pip -r "$here/requirements/dev.txt"
+  touch "$stamp_dir/dev"
+fi
+# 4. iteravg itself (editable, cheap; always re-run so entry points follow pyproject.toml).
+if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
+  pip --no-deps --no-build-isolation -e "$here"
+fi
+log "ok: $("$py" -c 'import mxnet, horovod, numpy; print("mxnet", mxnet.__version__, "horovod", horovod.__version__, "numpy", numpy.__version__)')"

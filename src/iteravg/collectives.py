@@ -1,0 +1,247 @@
+"""Every collective iteravg issues, each named, in one place.
+
+Rules that keep a distributed job from hanging or mixing garbage:
+
+* Each function here is called by all ranks at the same point, and only on decisions that are replicated
+  (they depend on state every rank holds identically), never on per-rank data. Per-rank outcomes (a failed
+  read, a mismatched layout) are first *agreed* with a collective, then every rank raises the same error.
+* Names are fixed strings, so all ranks issue the same names in the same order.
+* With one rank every function returns at once without touching the communicator.
+
+Collectives issued, by when:
+
+==========================  ====================================================  ============================
+name                        what                                                   when
+==========================  ====================================================  ============================
+``iteravg.layout``          allgather of a layout digest (+ broadcast on mismatch)  first bind of a model
+``iteravg.metric``          allgather of the epoch metric                           NTA decision epochs only
+``iteravg.avg.<g>``         allreduce-mean (or broadcast) of dtype group g's buffer state sync (epoch end, ...)
+``iteravg.fingerprint``     allgather of (fingerprint, counter)                     after every state sync
+``iteravg.repair.<g>``      broadcast from rank 0                                   only if fingerprints differ
+``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads
+``iteravg.bytes.*``         broadcast of a length, then of the bytes                checkpoint state on resume
+==========================  ====================================================  ============================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
+
+import numpy as np
+
+from .comm import Communicator
+from .core.averaged import AveragedState, Layout
+
+__all__ = [
+    "CollectiveError",
+    "LayoutMismatchError",
+    "ReplicaDivergenceError",
+    "consensus_metric",
+    "check_same_layout",
+    "sync_average",
+    "broadcast_average",
+    "broadcast_bytes",
+    "broadcast_json",
+    "agree",
+    "finish",
+    "METRIC_REDUCTIONS",
+]
+
+METRIC_REDUCTIONS = ("mean", "min", "max", "rank0")
+T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """Raised identically on every rank when ranks disagree in a way iteravg cannot repair."""
+
+
+class LayoutMismatchError(CollectiveError, ValueError):
+    """Ranks hold models with different parameter names, shapes or dtypes."""
+
+
+class ReplicaDivergenceError(CollectiveError):
+    """Averaged models still differ across ranks after a sync and a repair broadcast."""
+
+
+# -- metrics -------------------------------------------------------------------------------------
+def consensus_metric(comm: Communicator, value: Any, reduce: str = "mean") -> float:
+    """The metric every rank uses for a trigger decision, bitwise identical on all ranks.
+
+    Each rank's value is gathered and reduced in rank order by the same code on every rank (an allreduce
+    could round differently per rank). Ranks whose value is NaN or inf are left out; if no rank has a
+    finite value the result is NaN and the caller's decision raises ``ValueError`` on every rank.
+    """
+    if reduce not in METRIC_REDUCTIONS:
+        raise ValueError(f"metric_reduce must be one of {', '.join(METRIC_REDUCTIONS)}, got {reduce!r}")
+    try:
+        local = float(value)
+    except (TypeError, ValueError):
+        local = math.nan
+    if comm.size == 1:
+        return local
+    values = comm.allgather(np.array([local], dtype=np.float64), name="iteravg.metric")[:, 0]
+    if reduce == "rank0":
+        return float(values[0])
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return math.nan
+    if reduce == "mean":
+        return float(np.add.reduce(finite) / finite.size)
+    return float(finite.min() if reduce == "min" else finite.max())
+
+
+# -- agreement on per-rank outcomes --------------------------------------------------------------
+def agree(comm: Communicator, error: Optional[BaseException], what: str) -> None:
+    """Make a per-rank failure everybody's: if any rank has ``error``, every rank raises the same error.
+
+    The raised exception is ``ValueError`` if the first failing rank's was one, else ``CollectiveError``;
+    its message names that rank.
+    """
+    if comm.size == 1:
+        if error is not None:
+            raise error
+        return
+    flags = comm.allgather(np.array([0 if error is None else 1 + isinstance(error, ValueError)], dtype=np.int32),
+                           name="iteravg.agree")[:, 0]
+    failing = [r for r in range(comm.size) if flags[r]]
+    if not failing:
+        return
+    root = failing[0]
+    text = broadcast_bytes(comm, str(error).encode() if comm.rank == root else None, root=root).decode()
+    cls = ValueError if flags[root] == 2 else CollectiveError
+    msg = f"{what} failed on rank {root}: {text}"
+    if error is not None and comm.rank == root:
+        raise cls(msg) from error
+    raise cls(msg)
+
+
+def run_on_root(comm: Communicator, fn: Callable[[], T], what: str, root: int = 0) -> Optional[T]:
+    """Run ``fn`` on ``root`` only, then agree: every rank raises if it failed. Returns root's result (or None)."""
+    result: Optional[T] = None
+    error: Optional[BaseException] = None
+    if comm.rank == root:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 -- re-raised on every rank by agree()
+            error = exc
+    agree(comm, error, what)
+    return result
+
+
+# -- bytes and JSON ------------------------------------------------------------------------------
+def broadcast_bytes(comm: Communicator, payload: Optional[bytes], root: int = 0) -> bytes:
+    """Send ``payload`` from ``root`` to every rank (other ranks pass ``None``). No pickle involved."""
+    if comm.size == 1:
+        return payload or b""
+    length = np.array([len(payload) if comm.rank == root and payload is not None else 0], dtype=np.int64)
+    comm.broadcast_(length, root=root, name="iteravg.bytes.len")
+    n = int(length[0])
+    buf = np.zeros(max(n, 1), dtype=np.uint8)
+    if comm.rank == root and n:
+        buf[:n] = np.frombuffer(payload, dtype=np.uint8)
+    comm.broadcast_(buf, root=root, name="iteravg.bytes.data")
+    return buf[:n].tobytes()
+
+
+def broadcast_json(comm: Communicator, obj: Any, root: int = 0) -> Any:
+    data = json.dumps(obj).encode() if comm.rank == root else None
+    return json.loads(broadcast_bytes(comm, data, root=root).decode())
+
+
+# -- model layout --------------------------------------------------------------------------------
+def check_same_layout(comm: Communicator, layout: Layout) -> None:
+    """Raise ``LayoutMismatchError`` on every rank unless all ranks' models have the same tensors.
+
+    Cheap in the normal case (one allgather of a 256-bit digest); on mismatch, the first differing rank's
+    description is broadcast so that every rank raises the same message naming the first differing tensor.
+    """
+    if comm.size == 1:
+        return
+    digest = np.frombuffer(bytes.fromhex(layout.digest()), dtype=np.int64)
+    digests = comm.allgather(digest, name="iteravg.layout")
+    bad = [r for r in range(comm.size) if not np.array_equal(digests[r], digests[0])]
+    if not bad:
+        return
+    r = bad[0]
+    ref = broadcast_json(comm, layout.describe(), root=0)
+    other = broadcast_json(comm, layout.describe(), root=r)
+    diff = _first_difference(ref, other)
+    raise LayoutMismatchError(
+        f"models differ across ranks (ranks {bad} differ from rank 0): {diff}. Every rank must build the same "
+        "network (same architecture, parameter names, shapes and dtypes) before averaging."
+    )
+
+
+def _first_difference(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if list(x) != list(y):
+            return (f"tensor #{i}: rank 0 has {x[0]!r} shape {tuple(x[1])} {x[2]}, "
+                    f"the other rank has {y[0]!r} shape {tuple(y[1])} {y[2]}")
+    return f"rank 0 has {len(a)} tensors, the other rank has {len(b)}"
+
+
+# -- averaged state ------------------------------------------------------------------------------
+def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: str = "mean",
+                 verify: bool = True) -> int:
+    """Make the averaged model identical on every rank; returns the agreed ``average_counter``.
+
+    ``mode="mean"``: allreduce-mean of each dtype buffer, so every rank's iterates (and BatchNorm
+    statistics) count; the update is linear, so the result is the average of the rank-mean iterates.
+    ``mode="broadcast"``: rank 0's average wins.
+
+    Then (``verify=True``) a fingerprint allgather checks bitwise identity; if ranks differ (an allreduce
+    is allowed to round differently per rank), rank 0's buffers are broadcast and checked again, and
+    ``ReplicaDivergenceError`` is raised on every rank if they still differ. The counter is rank 0's.
+    """
+    if comm.size == 1:
+        return counter
+    if mode not in ("mean", "broadcast"):
+        raise ValueError(f"sync must be 'mean' or 'broadcast', got {mode!r}")
+    for g in range(len(state.layout.groups)):
+        if mode == "mean":
+            comm.allreduce_(state.current(g), op="mean", name=f"iteravg.avg.{g}", native=state.native(g))
+        else:
+            comm.broadcast_(state.current(g), root=0, name=f"iteravg.avg.{g}", native=state.native(g))
+    if not verify:
+        return _rank0_counter(comm, counter)
+    rows = _fingerprints(comm, state, counter)
+    if not _all_equal(rows[:, :2]):
+        broadcast_average(comm, state, name="iteravg.repair")
+        rows = _fingerprints(comm, state, counter)
+        if not _all_equal(rows[:, :2]):
+            raise ReplicaDivergenceError(
+                "averaged models still differ across ranks after a repair broadcast from rank 0 "
+                f"(fingerprints: {[format(int(v) & (2**64 - 1), '016x') for v in rows[:, 0]]})"
+            )
+    return int(rows[0, 2])
+
+
+def broadcast_average(comm: Communicator, state: AveragedState, name: str = "iteravg.avg") -> None:
+    """Overwrite every rank's average with rank 0's (resume, repair)."""
+    if comm.size == 1:
+        return
+    for g in range(len(state.layout.groups)):
+        comm.broadcast_(state.current(g), root=0, name=f"{name}.{g}", native=state.native(g))
+
+
+def _fingerprints(comm: Communicator, state: AveragedState, counter: int) -> np.ndarray:
+    row = np.concatenate([state.fingerprint(), np.array([counter], dtype=np.int64)])
+    return comm.allgather(row, name="iteravg.fingerprint")
+
+
+def _rank0_counter(comm: Communicator, counter: int) -> int:
+    c = np.array([counter], dtype=np.int64)
+    comm.broadcast_(c, root=0, name="iteravg.counter")
+    return int(c[0])
+
+
+def _all_equal(rows: np.ndarray) -> bool:
+    return bool((rows == rows[0]).all())
+
+
+def finish(comm: Communicator) -> None:
+    """A barrier before a rank may leave: no rank exits while another is still inside a collective."""
+    if comm.size > 1:
+        comm.barrier(name="iteravg.finish")

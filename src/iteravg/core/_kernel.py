@@ -1,0 +1,47 @@
+"""ctypes loader for the optional C fold kernel (``_foldkernel.c``); ``None`` when it was not built.
+
+``ITERAVG_NO_KERNEL=1`` forces the numpy fallback (used by tests to check both paths agree bitwise).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+_SIGNATURE = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double]
+
+
+def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
+    if os.environ.get("ITERAVG_NO_KERNEL"):
+        return None
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_foldkernel{suffix}"
+        if path.exists():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            funcs = {}
+            for dtype, sym in (("float32", "iteravg_fold_f32"), ("float64", "iteravg_fold_f64")):
+                fn = getattr(lib, sym)
+                fn.argtypes = _SIGNATURE
+                fn.restype = ctypes.c_int64
+                funcs[dtype] = fn
+            return funcs
+    return None
+
+
+KERNELS = _load()
+
+
+def pointer_table(arrays: list) -> tuple:
+    """(count, pointer array, sizes array) for the kernel; keep the returned arrays alive while used."""
+    ptrs = np.array([a.ctypes.data for a in arrays], dtype=np.uintp)
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    return len(arrays), ptrs, sizes

@@ -1,0 +1,280 @@
+"""The averaged model as flat buffers, updated in place by a few vectorised calls per step.
+
+Why flat buffers: GluonTS keeps one NDArray per parameter and looks each one up with ``collect_params()``
+on every step (O(P^2) in the number of tensors). Here the averaged state of all tensors of one dtype is a
+single contiguous buffer, so syncing it across ranks is one collective and folding an iterate into it is
+O(P / bucket) vectorised calls, independent of how many tensors the model has.
+
+Why two buffers: the update ``a <- a + alpha * (x - a)`` is computed from buffer ``A`` into buffer ``B`` and
+the buffers are swapped only after the whole iterate proved finite. A NaN or inf anywhere in the iterate
+therefore never reaches the average (the step is refused, see ``FoldResult``), and the memory traffic is still
+the minimum: read ``x``, read ``A``, write ``B`` (12 bytes per float32 parameter).
+
+Why buckets: the iterate lives in many separate framework tensors. Each bucket gathers up to
+``BUCKET_ELEMS`` of them with one ``np.concatenate`` into a small cache-resident scratch, then does the
+arithmetic there, so the temporaries never touch main memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._kernel import KERNELS, pointer_table
+
+__all__ = ["TensorSpec", "Layout", "AveragedState", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint"]
+
+#: Elements per bucket: 64 Ki float32 = 256 KiB, comfortably inside L2 with its scratch.
+BUCKET_ELEMS = 1 << 16
+
+#: ``alloc(n, dtype) -> (numpy view, native handle or None)``; lets a framework own the memory so its
+#: collectives can work on the buffer in place (Horovod needs an NDArray, numpy code needs a view).
+Allocator = Callable[[int, np.dtype], Tuple[np.ndarray, Any]]
+
+
+def numpy_allocator(n: int, dtype: np.dtype) -> Tuple[np.ndarray, Any]:
+    return np.zeros(n, dtype=dtype), None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str  # numpy dtype name, e.g. "float32"
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and dtypes of the averaged tensors, in the model's order, and where each one lives.
+
+    Tensors are grouped by dtype; each group is one flat buffer. ``offsets[name] = (group, start)``.
+    """
+
+    specs: Tuple[TensorSpec, ...]
+    groups: Tuple[str, ...] = field(init=False)
+    group_sizes: Tuple[int, ...] = field(init=False)
+    offsets: Dict[str, Tuple[int, int]] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        groups: List[str] = []
+        sizes: List[int] = []
+        offsets: Dict[str, Tuple[int, int]] = {}
+        for spec in self.specs:
+            dt = np.dtype(spec.dtype)
+            if dt.kind != "f":
+                raise ValueError(
+                    f"parameter {spec.name!r} has dtype {spec.dtype}; only floating-point tensors can be averaged"
+                )
+            if spec.name in offsets:
+                raise ValueError(f"duplicate parameter name {spec.name!r}")
+            if spec.dtype not in groups:
+                groups.append(spec.dtype)
+                sizes.append(0)
+            g = groups.index(spec.dtype)
+            offsets[spec.name] = (g, sizes[g])
+            sizes[g] += spec.size
+        object.__setattr__(self, "groups", tuple(groups))
+        object.__setattr__(self, "group_sizes", tuple(sizes))
+        object.__setattr__(self, "offsets", offsets)
+
+    @property
+    def names(self) -> List[str]:
+        return [s.name for s in self.specs]
+
+    @property
+    def num_elements(self) -> int:
+        return sum(self.group_sizes)
+
+    def describe(self) -> List[List[Any]]:
+        """JSON-able description; equal on two ranks iff their models can be averaged together."""
+        return [[s.name, list(s.shape), s.dtype] for s in self.specs]
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.describe()).encode()).hexdigest()
+
+
+@dataclass
+class FoldResult:
+    """What one ``fold`` did. ``folded`` is False when the iterate held a NaN or inf and was refused."""
+
+    folded: bool
+    alpha: float
+
+
+class FoldPlan:
+    """Precomputed buckets that gather a model's tensors (as flat numpy views) into the state's buffers.
+
+    Built once per (state, binding of model tensors); ``views`` must be in ``layout.specs`` order and stay
+    valid (the framework adapter keeps the tensors alive and rebuilds the plan if they are replaced).
+    """
+
+    def __init__(self, layout: Layout, views: Sequence[np.ndarray], bucket_elems: int = BUCKET_ELEMS) -> None:
+        if len(views) != len(layout.specs):
+            raise ValueError(f"expected {len(layout.specs)} tensors, got {len(views)}")
+        # Per group: list of buckets; a bucket is (start, stop, [source slices]).
+        self.buckets: List[List[Tuple[int, int, List[np.ndarray]]]] = [[] for _ in layout.groups]
+        current: List[Optional[Tuple[int, List[np.ndarray]]]] = [None] * len(layout.groups)
+        for spec, view in zip(layout.specs, views):
+            flat = view.reshape(-1)
+            if flat.size != spec.size or flat.dtype != np.dtype(spec.dtype):
+                raise ValueError(
+                    f"tensor {spec.name!r} is {flat.dtype}[{flat.size}] but the averaged state holds "
+                    f"{spec.dtype}[{spec.size}]"
+                )
+            g, pos = layout.offsets[spec.name]
+            i = 0
+            while i < flat.size:
+                if current[g] is None:
+                    current[g] = (pos + i, [])
+                start, parts = current[g]
+                used = pos + i - start
+                take = min(bucket_elems - used, flat.size - i)
+                parts.append(flat[i : i + take])
+                i += take
+                if used + take == bucket_elems:
+                    self.buckets[g].append((start, start + bucket_elems, parts))
+                    current[g] = None
+        for g, cur in enumerate(current):
+            if cur is not None:
+                start, parts = cur
+                self.buckets[g].append((start, start + sum(p.size for p in parts), parts))
+        # Whole tensors per group, for the one-call C kernel (see _kernel.py).
+        self.sources: List[List[np.ndarray]] = [[] for _ in layout.groups]
+        for spec, view in zip(layout.specs, views):
+            self.sources[layout.offsets[spec.name][0]].append(view.reshape(-1))
+        self.kernel_args = [pointer_table(srcs) for srcs in self.sources]
+        self.scratch = {
+            dt: np.empty(min(bucket_elems, max(layout.group_sizes[g], 1)), dtype=dt) for g, dt in enumerate(layout.groups)
+        }
+        self.layout = layout
+
+    def gather(self, group: int, out: np.ndarray) -> None:
+        """Copy the model's tensors of one dtype group into a flat buffer (one concatenate per bucket)."""
+        for start, stop, parts in self.buckets[group]:
+            np.concatenate(parts, out=out[start:stop])
+
+    def scatter(self, group: int, src: np.ndarray) -> None:
+        """Copy a flat buffer back into the model's tensors (used to load the averaged or cached model)."""
+        for start, _stop, parts in self.buckets[group]:
+            pos = start
+            for p in parts:
+                np.copyto(p, src[pos : pos + p.size])
+                pos += p.size
+
+
+class AveragedState:
+    """The running average of model iterates: one flat buffer per dtype (double-buffered), plus counters.
+
+    ``fold(plan, alpha)`` folds the model's current iterate with weight ``alpha`` (``alpha == 1`` copies it).
+    ``current(g)`` is the buffer holding the average of dtype group ``g``; ``native(g)`` is the framework
+    handle of the same memory (or ``None``), which communicators use for in-place collectives.
+    """
+
+    def __init__(self, layout: Layout, alloc: Allocator = numpy_allocator) -> None:
+        self.layout = layout
+        self._buffers: List[List[Tuple[np.ndarray, Any]]] = [
+            [alloc(n, np.dtype(dt)), alloc(n, np.dtype(dt))] for dt, n in zip(layout.groups, layout.group_sizes)
+        ]
+        self._front = [0] * len(layout.groups)
+        #: Iterates refused because they held a NaN or inf (documented rule: they never enter the average).
+        self.refused_nonfinite = 0
+
+    # -- buffers ---------------------------------------------------------------------------------
+    def current(self, g: int) -> np.ndarray:
+        return self._buffers[g][self._front[g]][0]
+
+    def native(self, g: int) -> Any:
+        return self._buffers[g][self._front[g]][1]
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Zero-copy view of one averaged tensor, valid until the next ``fold``."""
+        g, start = self.layout.offsets[name]
+        spec = self._spec(name)
+        return self.current(g)[start : start + spec.size].reshape(spec.shape)
+
+    def _spec(self, name: str) -> TensorSpec:
+        if not hasattr(self, "_spec_by_name"):
+            self._spec_by_name = {s.name: s for s in self.layout.specs}
+        return self._spec_by_name[name]
+
+    # -- the update ------------------------------------------------------------------------------
+    def fold(self, plan: FoldPlan, alpha: float) -> FoldResult:
+        """``avg <- avg + alpha * (x - avg)`` for every tensor, or ``avg <- x`` when ``alpha == 1``.
+
+        The arithmetic matches GluonTS's ``param_avg[:] += alpha * (x - param_avg)`` operation by operation
+        in the tensors' own dtype. Returns ``FoldResult(folded=False)`` and leaves the average untouched if
+        the iterate contains a NaN or inf.
+        """
+        finite = True
+        for g, dt in enumerate(self.layout.groups):
+            front = self.current(g)
+            back = self._buffers[g][1 - self._front[g]][0]
+            kernel = KERNELS.get(dt) if KERNELS else None
+            if kernel is not None:  # one C call for the whole group
+                count, ptrs, sizes = plan.kernel_args[g]
+                if kernel(count, ptrs.ctypes.data, sizes.ctypes.data, front.ctypes.data, back.ctypes.data, alpha):
+                    finite = False
+                    break
+                continue
+            tmp = plan.scratch[dt]
+            for start, stop, parts in plan.buckets[g]:
+                n = stop - start
+                t = tmp[:n]
+                if alpha == 1.0:
+                    np.concatenate(parts, out=back[start:stop])
+                    t = back[start:stop]
+                else:
+                    np.concatenate(parts, out=t)
+                    np.subtract(t, front[start:stop], out=t)
+                    np.multiply(t, alpha, out=t)
+                    np.add(front[start:stop], t, out=back[start:stop])
+                # A float64 sum of float32/float16 values cannot overflow, so it is finite iff every element is.
+                if finite and not np.isfinite(t.sum(dtype=np.float64)):
+                    finite = False
+            if not finite:
+                break
+        if not finite:
+            self.refused_nonfinite += 1
+            return FoldResult(folded=False, alpha=alpha)
+        self._front = [1 - f for f in self._front]
+        return FoldResult(folded=True, alpha=alpha)
+
+    def load_flat(self, group_arrays: Sequence[np.ndarray]) -> None:
+        """Replace the average by the given flat arrays (one per dtype group), e.g. from a checkpoint."""
+        if len(group_arrays) != len(self.layout.groups):
+            raise ValueError(f"expected {len(self.layout.groups)} dtype groups, got {len(group_arrays)}")
+        for g, arr in enumerate(group_arrays):
+            np.copyto(self.current(g), arr, casting="no")
+
+    def fingerprint(self) -> np.ndarray:
+        """Cheap 128-bit content fingerprint (see ``fingerprint``) of the current average, as two int64."""
+        return fingerprint([self.current(g) for g in range(len(self.layout.groups))])
+
+
+def fingerprint(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Two 64-bit words per call: the wrapping sum and the xor of the buffers' 8-byte words.
+
+    Memory-bandwidth cheap (one pass, no hashing), used to check that ranks hold bitwise-identical averages.
+    It is not a cryptographic hash: checkpoint files are additionally protected by SHA-256.
+    """
+    total = np.uint64(0)
+    xor = np.uint64(0)
+    for i, arr in enumerate(arrays):
+        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        n8 = raw.size // 8 * 8
+        words = raw[:n8].view(np.uint64)
+        tail = raw[n8:]
+        with np.errstate(over="ignore"):
+            total = np.uint64(total + np.add.reduce(words, dtype=np.uint64) + np.uint64(i + 1) * np.uint64(raw.size))
+            if tail.size:
+                total = np.uint64(total + np.uint64(int.from_bytes(tail.tobytes(), "little")))
+        xor = np.uint64(xor ^ np.bitwise_xor.reduce(words, dtype=np.uint64) if words.size else xor)
+    return np.array([total, xor], dtype=np.uint64).view(np.int64)
