@@ -20,6 +20,10 @@ name                        what                                                
 ``iteravg.repair.<g>``      broadcast from rank 0                                   only if fingerprints differ
 ``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads
 ``iteravg.bytes.*``         broadcast of a length, then of the bytes                checkpoint state on resume
+``iteravg.rank_mean``       allgather of a few scalars                             epoch losses (training loop)
+``iteravg.bcast.<i>``       broadcast from rank 0                                  initial / resumed parameters
+``iteravg.grad.<i>``        allreduce-mean                                         gradients (mpi4py backend)
+``iteravg.finish``          barrier                                                before a rank leaves
 ==========================  ====================================================  ============================
 """
 
@@ -46,6 +50,10 @@ __all__ = [
     "broadcast_json",
     "agree",
     "finish",
+    "mean_of_ranks",
+    "broadcast_arrays",
+    "allreduce_mean_arrays",
+    "run_on_root",
     "METRIC_REDUCTIONS",
 ]
 
@@ -239,6 +247,37 @@ def _rank0_counter(comm: Communicator, counter: int) -> int:
 
 def _all_equal(rows: np.ndarray) -> bool:
     return bool((rows == rows[0]).all())
+
+
+# -- training-loop helpers -----------------------------------------------------------------------
+def mean_of_ranks(comm: Communicator, values: Sequence[float]) -> List[float]:
+    """Per-position mean over ranks of a few scalars (epoch losses), identical on every rank.
+
+    NaN/inf values are kept (a diverged rank must show in the logged loss, unlike in a trigger decision).
+    """
+    local = np.asarray(values, dtype=np.float64).reshape(-1)
+    if comm.size == 1:
+        return [float(v) for v in local]
+    rows = comm.allgather(local, name="iteravg.rank_mean")
+    return [float(v) for v in np.add.reduce(rows, axis=0) / comm.size]
+
+
+def broadcast_arrays(comm: Communicator, arrays: Sequence[np.ndarray], natives: Optional[Sequence[Any]] = None,
+                     root: int = 0, name: str = "iteravg.bcast") -> None:
+    """Overwrite every rank's arrays with root's, in order (initial parameters, resumed training state)."""
+    if comm.size == 1:
+        return
+    for i, arr in enumerate(arrays):
+        comm.broadcast_(arr, root=root, name=f"{name}.{i}", native=None if natives is None else natives[i])
+
+
+def allreduce_mean_arrays(comm: Communicator, arrays: Sequence[np.ndarray], natives: Optional[Sequence[Any]] = None,
+                          name: str = "iteravg.grad") -> None:
+    """In-place mean over ranks of each array (gradients, for communicators without a distributed trainer)."""
+    if comm.size == 1:
+        return
+    for i, arr in enumerate(arrays):
+        comm.allreduce_(arr, op="mean", name=f"{name}.{i}", native=None if natives is None else natives[i])
 
 
 def finish(comm: Communicator) -> None:

@@ -48,7 +48,9 @@ class ModelBinding:
 
     @staticmethod
     def _viewable(p: gluon.Parameter, arr: mx.nd.NDArray) -> bool:
-        trainer = p._trainer() if getattr(p, "_trainer", None) else None
+        trainer = getattr(p, "_trainer", None)
+        if trainer is not None and not hasattr(trainer, "_kv_initialized") and callable(trainer):
+            trainer = trainer()  # a weakref in some MXNet versions
         on_kv = bool(trainer is not None and getattr(trainer, "_kv_initialized", False)
                      and getattr(trainer, "_update_on_kvstore", False))
         return len(p.list_data()) == 1 and can_view(arr) and not on_kv
