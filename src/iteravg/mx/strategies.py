@@ -20,8 +20,9 @@ The numbers are GluonTS's: the same trigger decisions and ``a += alpha * (x - a)
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import mxnet as mx
 import numpy as np
@@ -190,6 +191,16 @@ class IterationAveragingStrategy:
         if self._cache is None:
             return
         self._bind(model, full_check=True).write(self._cache)
+
+    @contextlib.contextmanager
+    def averaged_weights(self, model: gluon.Block) -> Iterator[gluon.Block]:
+        """``with strategy.averaged_weights(net): evaluate(net)`` -- the averaged weights inside, the training
+        weights restored on exit even if the body raises (collective on entry, like ``load_averaged_model``)."""
+        self.load_averaged_model(model)
+        try:
+            yield model
+        finally:
+            self.load_cached_model(model)
 
     # -- distribution ----------------------------------------------------------------------------
     def sync_average(self) -> None:
