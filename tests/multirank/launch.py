@@ -1,0 +1,49 @@
+"""Launch real multi-process jobs (horovodrun / mpirun) from tests, always with a timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def job_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    for key in ("ITERAVG_COMM", "ITERAVG_FAULT", "HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+def horovodrun(np_: int, args: Sequence[str], gloo: bool = False) -> List[str]:
+    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}"]
+    if gloo:
+        cmd += ["--gloo", "--network-interface", "lo"]
+    return cmd + [sys.executable, *args]
+
+
+def mpirun(np_: int, args: Sequence[str]) -> List[str]:
+    mpirun_bin = shutil.which("mpirun") or "mpirun"
+    return [mpirun_bin, "-np", str(np_), "--oversubscribe", "--bind-to", "none", sys.executable, *args]
+
+
+def run(cmd: Sequence[str], timeout: float = 180, env: Optional[dict] = None, check: bool = True):
+    proc = subprocess.run(list(cmd), cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,76 @@
+"""Multi-rank worker: runs iteravg's callback on each rank's replica and dumps what each rank ended with.
+
+Launched by tests/test_multirank_sync.py under horovodrun / mpirun. Args: OUT_DIR [--variant-on-rank R]
+[--stop-after K] [--resume] [--strategy nta|alpha]. Writes OUT_DIR/rank{r}.json and rank{r}-avg.npy; rank 0
+checkpoints into OUT_DIR/ckpt. On error, writes OUT_DIR/rank{r}.error with the message and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import mxnet as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+import iteravg.mx as ours  # noqa: E402
+from iteravg import collectives  # noqa: E402
+from scenario import BATCHES, EPOCHS, iterate, make_net, metric, nta_kwargs, set_iterate  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--variant-on-rank", type=int, default=-1)
+    ap.add_argument("--stop-after", type=int, default=EPOCHS)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--strategy", default="nta")
+    args = ap.parse_args()
+    strategy = ours.NTA(**nta_kwargs()) if args.strategy == "nta" else ours.Alpha_Suffix(epochs=EPOCHS, alpha=0.5)
+    comm = strategy.comm
+    rank = comm.rank
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        net = make_net("other" if rank == args.variant_on_rank else "same")
+        cb = ours.ModelIterationAveraging(strategy, checkpoint_dir=os.path.join(args.out, "ckpt"), resume=args.resume)
+        cb.on_network_initializing_end(training_network=net)
+        start = cb._epochs_done
+        started = []
+        for epoch in range(start, args.stop_after):
+            for b in range(BATCHES):
+                set_iterate(net, iterate(net, rank, epoch, b))
+                cb.on_train_batch_end(training_network=net)
+            if epoch % 3 == 2:  # validation swaps now and then: must not disturb anything
+                cb.on_validation_epoch_start(training_network=net)
+                cb.on_validation_epoch_end(epoch_no=epoch, epoch_loss=0.0, training_network=net, trainer=None)
+            cb.on_epoch_end(epoch_no=epoch, epoch_loss=metric(rank, epoch), training_network=net, trainer=None,
+                            best_epoch_info={}, ctx=mx.cpu())
+            started.append(strategy.averaging_started)
+        if args.stop_after == EPOCHS:
+            cb.on_train_end(training_network=net, temporary_dir=None)
+        avg = strategy.averaged_model
+        flat = (np.concatenate([v.asnumpy().ravel() for v in avg.values()]) if avg is not None
+                else np.zeros(0, np.float32))
+        np.save(os.path.join(args.out, f"rank{rank}-avg.npy"), flat)
+        weights = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
+        np.save(os.path.join(args.out, f"rank{rank}-net.npy"), weights)
+        with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+            json.dump(dict(rank=rank, size=comm.size, comm=comm.name, started=started,
+                           trigger_epoch=strategy.schedule.trigger_epoch, counter=strategy.average_counter,
+                           names=list(net.collect_params().keys())), f)
+        collectives.finish(comm)
+        return 0
+    except Exception as exc:  # noqa: BLE001 -- reported to the test, then a non-zero exit
+        with open(os.path.join(args.out, f"rank{rank}.error"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}\n")
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Real multi-process jobs: every rank must end with the same trigger and a bitwise-identical averaged model,
+equal to GluonTS's averaging of the rank-mean iterates, and rank 0's checkpoint must load and equal it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "multirank"))
+from launch import horovodrun, mpirun, run  # noqa: E402
+from scenario import BATCHES, EPOCHS, iterate, make_net, metric, nta_kwargs, set_iterate  # noqa: E402
+
+from iteravg.core.schedules import NTASchedule  # noqa: E402
+
+pytestmark = [pytest.mark.multirank, pytest.mark.filterwarnings("ignore")]
+WORKER = "tests/multirank/worker_sync.py"
+
+JOBS = {
+    "horovodrun-mpi-2": lambda out, *a: horovodrun(2, [WORKER, str(out), *a]),
+    "horovodrun-gloo-3": lambda out, *a: horovodrun(3, [WORKER, str(out), *a], gloo=True),
+    "mpirun-mpi4py-3": lambda out, *a: mpirun(3, [WORKER, str(out), *a]),
+}
+JOB_ENV = {"mpirun-mpi4py-3": {"ITERAVG_COMM": "mpi"}}
+EXPECTED_COMM = {"horovodrun-mpi-2": "horovod", "horovodrun-gloo-3": "horovod", "mpirun-mpi4py-3": "mpi"}
+
+
+def reference(size: int):
+    """GluonTS's own callback driven with the rank-mean iterates and the rank-mean metric."""
+    from gluonts.mx.trainer import model_iteration_averaging as gl
+
+    net = make_net()
+    strategy = gl.NTA(**nta_kwargs())
+    cb = gl.ModelIterationAveraging(avg_strategy=strategy)
+    started = []
+    for epoch in range(EPOCHS):
+        for b in range(BATCHES):
+            per_rank = [iterate(net, r, epoch, b) for r in range(size)]
+            set_iterate(net, [np.mean([v[i] for v in per_rank], axis=0, dtype=np.float64).astype(np.float32)
+                              for i in range(len(per_rank[0]))])
+            cb.on_train_batch_end(training_network=net)
+        mean_metric = float(np.mean([metric(r, epoch) for r in range(size)]))
+        cb.on_epoch_end(epoch_no=epoch, epoch_loss=mean_metric, training_network=net, trainer=None,
+                        best_epoch_info={}, ctx=mx.cpu())
+        started.append(strategy.averaging_started)
+    avg = np.concatenate([v.asnumpy().ravel() for v in strategy.averaged_model.values()])
+    return started, avg, strategy.average_counter
+
+
+def alone_trigger(rank: int) -> int:
+    s = NTASchedule(**nta_kwargs())
+    for epoch in range(EPOCHS):
+        if s.update_trigger(metric(rank, epoch), epoch + 1):
+            return epoch
+    return -1
+
+
+def read_ranks(out: Path, size: int):
+    infos = [json.loads((out / f"rank{r}.json").read_text()) for r in range(size)]
+    avgs = [(out / f"rank{r}-avg.npy").read_bytes() for r in range(size)]
+    nets = [(out / f"rank{r}-net.npy").read_bytes() for r in range(size)]
+    return infos, avgs, nets
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_identical_average_on_every_rank(job, tmp_path):
+    size = int(job.rsplit("-", 1)[1])
+    run(JOBS[job](tmp_path), timeout=240, env=JOB_ENV.get(job))
+    infos, avgs, nets = read_ranks(tmp_path, size)
+    assert {i["comm"] for i in infos} == {EXPECTED_COMM[job]}
+    assert {i["size"] for i in infos} == {size}
+
+    # The scenario is meaningful: ranks alone would trigger at different epochs.
+    assert len({alone_trigger(r) for r in range(size)}) == size
+    # Consensus: identical decisions on every rank, equal to GluonTS's on the rank-mean metric.
+    ref_started, ref_avg, ref_counter = reference(size)
+    for info in infos:
+        assert info["started"] == ref_started
+        assert info["counter"] == ref_counter
+    # Bitwise identity across ranks, of the average and of the network after on_train_end loaded it.
+    assert all(a == avgs[0] for a in avgs), "averaged models differ across ranks"
+    assert all(n == nets[0] for n in nets), "networks after on_train_end differ across ranks"
+    avg0 = np.load(tmp_path / "rank0-avg.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "rank0-net.npy"), avg0)
+    # Equal to the average of the rank-mean iterates (GluonTS's implementation).
+    np.testing.assert_allclose(avg0, ref_avg, rtol=1e-5, atol=1e-6)
+
+    # Rank 0's checkpoint: loads into a network and equals the averaged model; only rank 0 wrote.
+    ckpt = tmp_path / "ckpt"
+    state = json.loads((ckpt / "averaging-state.json").read_text())
+    assert state["world_size"] == size and state["strategy"]["averaging_started"]
+    net = make_net()
+    net.load_parameters(str(ckpt / "averaged.params"))
+    loaded = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
+    np.testing.assert_array_equal(loaded, avg0)
+    written = [p.name for p in ckpt.iterdir()]
+    assert not [n for n in written if n.startswith(".tmp")], written
+
+
+def test_mismatched_models_raise_the_same_error_on_every_rank(tmp_path):
+    proc = run(horovodrun(3, [WORKER, str(tmp_path), "--variant-on-rank", "2"], gloo=True), timeout=180, check=False)
+    assert proc.returncode != 0
+    errors = [(tmp_path / f"rank{r}.error").read_text() for r in range(3)]
+    assert len(set(errors)) == 1, errors
+    assert "LayoutMismatchError" in errors[0] and "m_dense0_weight" in errors[0] and "ranks [2]" in errors[0]
+
+
+def test_resume_on_same_and_different_world_size(tmp_path):
+    """Stop after 5 epochs on 2 ranks; resume on 2 ranks (bitwise equal to an uninterrupted run) and on 3."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(horovodrun(2, [WORKER, str(full)]), timeout=180)
+    run(horovodrun(2, [WORKER, str(part), "--stop-after", "5"]), timeout=180)
+    state = json.loads((part / "ckpt" / "averaging-state.json").read_text())
+    assert state["epoch"] == 5 and state["strategy"]["averaging_started"]
+    three = tmp_path / "three"
+    three.mkdir()
+    shutil.copytree(part / "ckpt", three / "ckpt", symlinks=True)
+    run(horovodrun(2, [WORKER, str(part), "--resume"]), timeout=180)
+    infos_full, avgs_full, _ = read_ranks(full, 2)
+    infos_part, avgs_part, _ = read_ranks(part, 2)
+    assert avgs_part == avgs_full, "resumed run is not bitwise equal to the uninterrupted one"
+    assert [i["counter"] for i in infos_part] == [i["counter"] for i in infos_full]
+    assert infos_part[0]["trigger_epoch"] == infos_full[0]["trigger_epoch"]
+
+    run(mpirun(3, [WORKER, str(three), "--resume"]), timeout=180, env={"ITERAVG_COMM": "mpi"})
+    infos3, avgs3, _ = read_ranks(three, 3)
+    assert all(a == avgs3[0] for a in avgs3)
+    assert infos3[0]["trigger_epoch"] == infos_full[0]["trigger_epoch"]
+    assert infos3[0]["counter"] == infos_full[0]["counter"]
