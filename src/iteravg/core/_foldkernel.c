@@ -45,3 +45,15 @@
 
 FOLD(iteravg_fold_f32, float, uint32_t, 0x7f800000u)
 FOLD(iteravg_fold_f64, double, uint64_t, 0x7ff0000000000000ull)
+
+/* Fingerprint of a buffer in one pass: wrapping sum and xor of its 8-byte words (see averaged.fingerprint). */
+void iteravg_fingerprint(const uint64_t *words, int64_t n, uint64_t *out) {
+  uint64_t s[4] = {0, 0, 0, 0}, x[4] = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 3 < n; j += 4) {
+    for (int k = 0; k < 4; ++k) { s[k] += words[j + k]; x[k] ^= words[j + k]; }
+  }
+  for (; j < n; ++j) { s[0] += words[j]; x[0] ^= words[j]; }
+  out[0] = s[0] + s[1] + s[2] + s[3];
+  out[1] = x[0] ^ x[1] ^ x[2] ^ x[3];
+}

@@ -33,11 +33,26 @@ def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
                 fn.argtypes = _SIGNATURE
                 fn.restype = ctypes.c_int64
                 funcs[dtype] = fn
+            fp = lib.iteravg_fingerprint
+            fp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            fp.restype = None
+            funcs["fingerprint"] = fp
             return funcs
     return None
 
 
 KERNELS = _load()
+
+
+def word_sums(words: np.ndarray) -> tuple:
+    """(wrapping sum, xor) of a uint64 array: one C pass if the kernel is built, else two numpy passes."""
+    if KERNELS is not None and words.flags.c_contiguous:
+        out = np.zeros(2, dtype=np.uint64)
+        KERNELS["fingerprint"](words.ctypes.data, words.size, out.ctypes.data)
+        return out[0], out[1]
+    if words.size == 0:
+        return np.uint64(0), np.uint64(0)
+    return np.add.reduce(words, dtype=np.uint64), np.bitwise_xor.reduce(words)
 
 
 def pointer_table(arrays: list) -> tuple:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._kernel import KERNELS, pointer_table
+from ._kernel import KERNELS, pointer_table, word_sums
 
 __all__ = ["TensorSpec", "Layout", "AveragedState", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint"]
 
@@ -270,11 +270,9 @@ def fingerprint(arrays: Sequence[np.ndarray]) -> np.ndarray:
     for i, arr in enumerate(arrays):
         raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         n8 = raw.size // 8 * 8
-        words = raw[:n8].view(np.uint64)
-        tail = raw[n8:]
+        s, x = word_sums(raw[:n8].view(np.uint64))
+        tail = np.uint64(int.from_bytes(raw[n8:].tobytes(), "little"))
         with np.errstate(over="ignore"):
-            total = np.uint64(total + np.add.reduce(words, dtype=np.uint64) + np.uint64(i + 1) * np.uint64(raw.size))
-            if tail.size:
-                total = np.uint64(total + np.uint64(int.from_bytes(tail.tobytes(), "little")))
-        xor = np.uint64(xor ^ np.bitwise_xor.reduce(words, dtype=np.uint64) if words.size else xor)
+            total = np.uint64(total + s + tail + np.uint64(i + 1) * np.uint64(raw.size))
+        xor = np.uint64(xor ^ x)
     return np.array([total, xor], dtype=np.uint64).view(np.int64)
