@@ -144,3 +144,26 @@ def test_divergent_replicas_are_detected_and_repaired(tmp_path):
     assert avgs[0] == avgs[1] and nets[0] == nets[1]
     _, ref_avg, _ = reference(2)
     np.testing.assert_allclose(np.load(tmp_path / "rank0-avg.npy"), ref_avg, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_metric_on_one_rank_is_left_out_of_the_consensus(tmp_path):
+    run(horovodrun(2, [WORKER, str(tmp_path), "--nan-metric-ranks", "1"]), timeout=180)
+    infos, avgs, _ = read_ranks(tmp_path, 2)
+    assert avgs[0] == avgs[1]
+    # The consensus metric is rank 0's alone, so the trigger is rank 0's own.
+    assert infos[0]["trigger_epoch"] == infos[1]["trigger_epoch"] == alone_trigger(0) + 1
+
+
+def test_nan_metric_on_every_rank_raises_the_same_error_everywhere(tmp_path):
+    proc = run(horovodrun(2, [WORKER, str(tmp_path), "--nan-metric-ranks", "0,1"]), timeout=180, check=False)
+    assert proc.returncode != 0
+    errors = [(tmp_path / f"rank{r}.error").read_text() for r in range(2)]
+    assert errors[0] == errors[1] and "ValueError" in errors[0] and "metric" in errors[0]
+
+
+def test_nan_parameters_on_one_rank_are_refused_not_averaged(tmp_path):
+    proc = run(horovodrun(2, [WORKER, str(tmp_path), "--nan-param-rank", "1"]), timeout=180)
+    assert "NaN or inf" in proc.stdout + proc.stderr
+    infos, avgs, _ = read_ranks(tmp_path, 2)
+    assert avgs[0] == avgs[1]
+    assert np.isfinite(np.load(tmp_path / "rank0-avg.npy")).all()

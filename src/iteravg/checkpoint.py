@@ -21,8 +21,9 @@ previous complete snapshot; leftovers named ``.tmp-*`` are never read and are re
 Nothing read from disk is unpickled: the state is JSON, tensors are MXNet's binary NDArray format.
 Files and directories are created with the user's umask and are never world-writable.
 
-Fault injection (for tests): ``ITERAVG_FAULT=crash-before-publish`` makes the writer ``os._exit(17)`` after the
-snapshot's files are written and synced but before it is published.
+Fault injection (for tests): ``ITERAVG_FAULT=crash-before-publish`` (or ``crash-before-publish:epoch-000005`` for
+one snapshot) makes the writer ``os._exit(17)`` after the snapshot's files are written and synced but before it
+is published.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def write_snapshot(
         os.fsync(f.fileno())
     _secure(state_path)
     _fsync_dir(tmp)
-    if os.environ.get(FAULT_ENV) == "crash-before-publish":
+    fault = os.environ.get(FAULT_ENV, "")
+    if fault == "crash-before-publish" or fault == f"crash-before-publish:{name}":
         os._exit(17)  # simulate a crash after writing, before publishing
     final = root / name
     if final.exists():  # re-written snapshot (e.g. after a resume): move the old one aside first

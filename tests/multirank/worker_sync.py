@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -30,11 +31,16 @@ def main() -> int:
     ap.add_argument("--stop-after", type=int, default=EPOCHS)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--strategy", default="nta")
+    ap.add_argument("--nan-metric-ranks", default="", help="comma-separated ranks whose metric is NaN")
+    ap.add_argument("--nan-param-rank", type=int, default=-1, help="this rank's epoch-3 batch-1 iterate has a NaN")
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, to make the job slow for kill tests")
     args = ap.parse_args()
     strategy = ours.NTA(**nta_kwargs()) if args.strategy == "nta" else ours.Alpha_Suffix(epochs=EPOCHS, alpha=0.5)
     comm = strategy.comm
     rank = comm.rank
     os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
     try:
         net = make_net("other" if rank == args.variant_on_rank else "same")
         cb = ours.ModelIterationAveraging(strategy, checkpoint_dir=os.path.join(args.out, "ckpt"), resume=args.resume)
@@ -43,12 +49,18 @@ def main() -> int:
         started = []
         for epoch in range(start, args.stop_after):
             for b in range(BATCHES):
-                set_iterate(net, iterate(net, rank, epoch, b))
+                values = iterate(net, rank, epoch, b)
+                if rank == args.nan_param_rank and (epoch, b) == (3, 1):
+                    values[0][0, 0] = np.nan
+                set_iterate(net, values)
+                time.sleep(args.sleep)
                 cb.on_train_batch_end(training_network=net)
             if epoch % 3 == 2:  # validation swaps now and then: must not disturb anything
                 cb.on_validation_epoch_start(training_network=net)
                 cb.on_validation_epoch_end(epoch_no=epoch, epoch_loss=0.0, training_network=net, trainer=None)
-            cb.on_epoch_end(epoch_no=epoch, epoch_loss=metric(rank, epoch), training_network=net, trainer=None,
+            nan_ranks = [int(r) for r in args.nan_metric_ranks.split(",") if r]
+            loss = float("nan") if rank in nan_ranks else metric(rank, epoch)
+            cb.on_epoch_end(epoch_no=epoch, epoch_loss=loss, training_network=net, trainer=None,
                             best_epoch_info={}, ctx=mx.cpu())
             started.append(strategy.averaging_started)
         if args.stop_after == EPOCHS:

@@ -197,13 +197,8 @@ class AveragedState:
     def tensor(self, name: str) -> np.ndarray:
         """Zero-copy view of one averaged tensor, valid until the next ``fold``."""
         g, start = self.layout.offsets[name]
-        spec = self._spec(name)
+        spec = next(s for s in self.layout.specs if s.name == name)
         return self.current(g)[start : start + spec.size].reshape(spec.shape)
-
-    def _spec(self, name: str) -> TensorSpec:
-        if not hasattr(self, "_spec_by_name"):
-            self._spec_by_name = {s.name: s for s in self.layout.specs}
-        return self._spec_by_name[name]
 
     # -- the update ------------------------------------------------------------------------------
     def fold(self, plan: FoldPlan, alpha: float) -> FoldResult:
