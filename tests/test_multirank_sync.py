@@ -167,3 +167,15 @@ def test_nan_parameters_on_one_rank_are_refused_not_averaged(tmp_path):
     infos, avgs, _ = read_ranks(tmp_path, 2)
     assert avgs[0] == avgs[1]
     assert np.isfinite(np.load(tmp_path / "rank0-avg.npy")).all()
+
+
+def test_a_rank_with_nothing_folded_does_not_dilute_the_mean(tmp_path):
+    """Rank 1's first averaged iterate (epoch 2's last, folded at the trigger) is NaN and refused, so at that
+    epoch's sync rank 1 holds no average. The mean must be rank 0's alone, not half of it."""
+    run(horovodrun(2, [WORKER, str(tmp_path), "--nan-param-rank", "1", "--nan-param-at", "2,2",
+                       "--stop-after", "3"]), timeout=180)
+    infos, avgs, _ = read_ranks(tmp_path, 2)
+    assert avgs[0] == avgs[1] and infos[0]["counter"] == 1
+    net = make_net()
+    expected = np.concatenate([v.ravel() for v in iterate(net, 0, 2, BATCHES - 1)])
+    np.testing.assert_array_equal(np.load(tmp_path / "rank0-avg.npy"), expected)

@@ -213,9 +213,9 @@ def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: s
         raise ValueError(f"sync must be 'mean' or 'broadcast', got {mode!r}")
     for g in range(len(state.layout.groups)):
         if mode == "mean":
-            comm.allreduce_(state.current(g), op="mean", name=f"iteravg.avg.{g}", native=state.native(g))
+            _allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0)
         else:
-            comm.broadcast_(state.current(g), root=0, name=f"iteravg.avg.{g}", native=state.native(g))
+            comm.broadcast_(state.sync_view(g), root=0, name=f"iteravg.avg.{g}", native=state.native(g))
     if not verify:
         return _max_counter(comm, counter)
     _maybe_inject_divergence(comm, state)
@@ -233,12 +233,32 @@ def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: s
     return counter_max
 
 
+def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g: int, has_data: bool) -> None:
+    """Allreduce-mean of one dtype group, counting only ranks that hold an average.
+
+    A rank whose every iterate so far was refused (NaN/inf) holds nothing; averaging its empty buffer in
+    would pull the mean towards zero. Each rank puts 1 (has data) or 0 in the buffer's trailing slot and
+    zeroes an empty buffer; after the allreduce the slot holds the share of contributing ranks, and only if it
+    is below 1 is the mean rescaled. The normal case costs nothing beyond the allreduce itself.
+    """
+    buf = state.sync_view(g)
+    if has_data:
+        buf[-1] = 1
+    else:
+        buf[:] = 0
+    comm.allreduce_(buf, op="mean", name=f"iteravg.avg.{g}", native=state.native(g))
+    contributors = int(round(float(buf[-1]) * comm.size))
+    if 0 < contributors < comm.size:
+        data = state.current(g)
+        np.multiply(data, data.dtype.type(comm.size / contributors), out=data)
+
+
 def broadcast_average(comm: Communicator, state: AveragedState, name: str = "iteravg.avg") -> None:
     """Overwrite every rank's average with rank 0's (resume, repair)."""
     if comm.size == 1:
         return
     for g in range(len(state.layout.groups)):
-        comm.broadcast_(state.current(g), root=0, name=f"{name}.{g}", native=state.native(g))
+        comm.broadcast_(state.sync_view(g), root=0, name=f"{name}.{g}", native=state.native(g))
 
 
 def _identical(comm: Communicator, state: AveragedState, counter: int) -> tuple:

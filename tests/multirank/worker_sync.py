@@ -32,7 +32,8 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--strategy", default="nta")
     ap.add_argument("--nan-metric-ranks", default="", help="comma-separated ranks whose metric is NaN")
-    ap.add_argument("--nan-param-rank", type=int, default=-1, help="this rank's epoch-3 batch-1 iterate has a NaN")
+    ap.add_argument("--nan-param-rank", type=int, default=-1, help="this rank's iterate at --nan-param-at has a NaN")
+    ap.add_argument("--nan-param-at", default="3,1", help="EPOCH,BATCH of the NaN iterate")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, to make the job slow for kill tests")
     args = ap.parse_args()
     strategy = ours.NTA(**nta_kwargs()) if args.strategy == "nta" else ours.Alpha_Suffix(epochs=EPOCHS, alpha=0.5)
@@ -50,7 +51,7 @@ def main() -> int:
         for epoch in range(start, args.stop_after):
             for b in range(BATCHES):
                 values = iterate(net, rank, epoch, b)
-                if rank == args.nan_param_rank and (epoch, b) == (3, 1):
+                if rank == args.nan_param_rank and f"{epoch},{b}" == args.nan_param_at:
                     values[0][0, 0] = np.nan
                 set_iterate(net, values)
                 time.sleep(args.sleep)

@@ -174,14 +174,16 @@ class AveragedState:
     """The running average of model iterates: one flat buffer per dtype (double-buffered), plus counters.
 
     ``fold(plan, alpha)`` folds the model's current iterate with weight ``alpha`` (``alpha == 1`` copies it).
-    ``current(g)`` is the buffer holding the average of dtype group ``g``; ``native(g)`` is the framework
-    handle of the same memory (or ``None``), which communicators use for in-place collectives.
+    ``current(g)`` is the buffer holding the average of dtype group ``g``. ``sync_view(g)`` is the same buffer
+    plus one trailing slot that collectives use to count the ranks contributing to a mean (see
+    ``collectives.sync_average``); ``native(g)`` is the framework handle of ``sync_view(g)``'s memory (or
+    ``None``), which communicators use for in-place collectives.
     """
 
     def __init__(self, layout: Layout, alloc: Allocator = numpy_allocator) -> None:
         self.layout = layout
         self._buffers: List[List[Tuple[np.ndarray, Any]]] = [
-            [alloc(n, np.dtype(dt)), alloc(n, np.dtype(dt))] for dt, n in zip(layout.groups, layout.group_sizes)
+            [alloc(n + 1, np.dtype(dt)), alloc(n + 1, np.dtype(dt))] for dt, n in zip(layout.groups, layout.group_sizes)
         ]
         self._front = [0] * len(layout.groups)
         #: Iterates refused because they held a NaN or inf (documented rule: they never enter the average).
@@ -189,6 +191,9 @@ class AveragedState:
 
     # -- buffers ---------------------------------------------------------------------------------
     def current(self, g: int) -> np.ndarray:
+        return self._buffers[g][self._front[g]][0][: self.layout.group_sizes[g]]
+
+    def sync_view(self, g: int) -> np.ndarray:
         return self._buffers[g][self._front[g]][0]
 
     def native(self, g: int) -> Any:

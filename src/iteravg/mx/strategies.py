@@ -79,7 +79,7 @@ class IterationAveragingStrategy:
         self._cache: Optional[List[np.ndarray]] = None  # flat per-dtype copy of the training weights
         self._cache_nd: List[Any] = []
         self._layout_checked = False
-        self._dirty = False  # folded since the last sync
+        self._dirty = False  # update_average was called since the last sync (same on every rank)
         self._since_sync = 0
 
     # -- GluonTS's attributes --------------------------------------------------------------------
@@ -158,15 +158,17 @@ class IterationAveragingStrategy:
         binding = self._bind(model, full_check=False)
         assert self._state is not None
         result = self._state.fold(binding.plan(), self.schedule.peek_weight())
-        if not result.folded:
+        # Sync bookkeeping counts attempts, not successful folds: it decides when collectives run, so it must
+        # be the same on every rank even if one rank refused an iterate.
+        self._dirty = True
+        self._since_sync += 1
+        if result.folded:
+            self.schedule.next_weight()
+        else:
             logger.warning(
                 "iteravg: the model holds NaN or inf values; this iterate was not folded into the average "
                 "(refused so far: %d)", self._state.refused_nonfinite,
             )
-            return
-        self.schedule.next_weight()
-        self._dirty = True
-        self._since_sync += 1
         if self.sync_every_batches and self._since_sync >= self.sync_every_batches:
             self.sync_average()
 
