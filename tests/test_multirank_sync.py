@@ -179,3 +179,35 @@ def test_a_rank_with_nothing_folded_does_not_dilute_the_mean(tmp_path):
     net = make_net()
     expected = np.concatenate([v.ravel() for v in iterate(net, 0, 2, BATCHES - 1)])
     np.testing.assert_array_equal(np.load(tmp_path / "rank0-avg.npy"), expected)
+
+
+@pytest.mark.parametrize("damage", ["corrupt-byte", "truncate", "wrong-version", "wrong-model"])
+def test_bad_checkpoint_on_resume_raises_the_same_error_on_every_rank(tmp_path, damage):
+    run(horovodrun(2, [WORKER, str(tmp_path), "--strategy", "alpha", "--stop-after", "6"]), timeout=180)
+    snap = tmp_path / "ckpt" / "latest"
+    extra = []
+    if damage == "corrupt-byte":
+        data = bytearray((snap / "averaged.params").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (snap / "averaged.params").write_bytes(bytes(data))
+    elif damage == "truncate":
+        path = snap / "averaging-state.json"
+        path.write_text(path.read_text()[:100])
+    elif damage == "wrong-version":
+        path = snap / "averaging-state.json"
+        state = json.loads(path.read_text())
+        state["format_version"] = 99
+        path.write_text(json.dumps(state))
+    else:
+        extra = ["--variant-on-rank", "-2"]
+    for r in range(2):
+        (tmp_path / f"rank{r}.error").unlink(missing_ok=True)
+    proc = run(horovodrun(2, [WORKER, str(tmp_path), "--strategy", "alpha", "--resume", *extra]), timeout=120,
+               check=False)
+    assert proc.returncode != 0
+    errors = [(tmp_path / f"rank{r}.error").read_text() for r in range(2)]
+    assert errors[0] == errors[1], errors
+    expected = {"corrupt-byte": "corrupted", "truncate": "not valid JSON", "wrong-version": "format version",
+                "wrong-model": "another model"}[damage]
+    assert errors[0].split(":")[0] in ("ValueError", "CheckpointError"), errors[0]
+    assert expected in errors[0], errors[0]

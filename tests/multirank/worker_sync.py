@@ -27,7 +27,7 @@ from scenario import BATCHES, EPOCHS, iterate, make_net, metric, nta_kwargs, set
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--variant-on-rank", type=int, default=-1)
+    ap.add_argument("--variant-on-rank", type=int, default=-1, help="this rank (-2: every rank) builds another model")
     ap.add_argument("--stop-after", type=int, default=EPOCHS)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--strategy", default="nta")
@@ -43,7 +43,7 @@ def main() -> int:
     with open(os.path.join(args.out, f"rank{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     try:
-        net = make_net("other" if rank == args.variant_on_rank else "same")
+        net = make_net("other" if args.variant_on_rank in (rank, -2) else "same")
         cb = ours.ModelIterationAveraging(strategy, checkpoint_dir=os.path.join(args.out, "ckpt"), resume=args.resume)
         cb.on_network_initializing_end(training_network=net)
         start = cb._epochs_done
