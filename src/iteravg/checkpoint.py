@@ -43,7 +43,7 @@ PARAMS_FILE = "averaged.params"
 LATEST = "latest"
 FAULT_ENV = "ITERAVG_FAULT"
 
-__all__ = ["CheckpointError", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file", "FORMAT_VERSION"]
 
 
 class CheckpointError(ValueError):
@@ -84,6 +84,19 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def atomic_write(path: os.PathLike, data: bytes) -> None:
+    """Write a single file atomically (temp file + fsync + rename) with the user's umask, never world-writable."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _secure(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def write_snapshot(

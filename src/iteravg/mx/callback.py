@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from mxnet import gluon
@@ -35,7 +36,9 @@ logger = logging.getLogger("iteravg")
 def _callback_base() -> type:
     """GluonTS's ``Callback`` if GluonTS is installed (its Trainer validates ``isinstance``), else our own."""
     try:
-        from gluonts.mx.trainer.callback import Callback  # noqa: WPS433 -- optional dependency
+        with warnings.catch_warnings():  # GluonTS warns about optional JSON libraries at import
+            warnings.simplefilter("ignore")
+            from gluonts.mx.trainer.callback import Callback  # noqa: WPS433 -- optional dependency
     except Exception:  # GluonTS absent or broken: the hooks below are all the protocol there is
         from ._hooks import Callback
     return Callback

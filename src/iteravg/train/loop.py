@@ -1,0 +1,282 @@
+"""A reusable data-parallel training loop for MXNet Gluon that calls GluonTS ``Callback`` hooks in GluonTS's
+order, so iteravg's ``ModelIterationAveraging`` and GluonTS's own callbacks both work in it.
+
+Distributed behaviour (all collectives go through ``iteravg.collectives``, except the gradient allreduce of
+Horovod's ``DistributedTrainer``):
+
+* initial parameters are broadcast from rank 0;
+* gradients are averaged across ranks: ``horovod.mxnet.DistributedTrainer`` under Horovod, an allreduce-mean
+  of the gradient buffers under the mpi4py communicator, nothing on one process;
+* every rank gets a shard of each epoch's permutation with the **same number of batches** (the remainder is
+  dropped), so every rank issues the same collectives;
+* epoch training loss and validation loss are averaged across ranks (sample-weighted).
+
+Determinism (what ``--resume`` relies on): batches come from a permutation seeded by ``(seed, epoch)``, the
+model is initialised from ``seed``, plain SGD with momentum is used, and on CPU MXNet is deterministic for a
+fixed thread count -- set ``OMP_NUM_THREADS`` (the CLI defaults it to 1). A run resumed from the snapshot of
+epoch k then repeats exactly what the uninterrupted run did, on the same number of ranks; on another number
+of ranks the shards differ, so the continuation is a valid but different run.
+
+Resume: each snapshot written by ``ModelIterationAveraging`` also holds ``training.params`` (the last
+iterate), ``optimizer.params`` (momentum buffers) and the loop's history, via the callback's
+``checkpoint_extras`` hook; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+from .. import collectives
+from ..checkpoint import read_snapshot
+from ..comm import Communicator
+from ..mx._ndarray import numpy_view
+
+logger = logging.getLogger("iteravg")
+
+TRAINING_FILE = "training.params"
+OPTIMIZER_FILE = "optimizer.params"
+STOP_ENV = "ITERAVG_STOP_AFTER_EPOCH"
+
+
+class StoppedEarly(Exception):
+    """Raised after the epoch named by ``ITERAVG_STOP_AFTER_EPOCH`` was checkpointed (testing switch)."""
+
+
+@dataclass
+class FitResult:
+    history: List[Dict[str, float]] = field(default_factory=list)
+    epochs_done: int = 0
+    resumed_from: Optional[int] = None
+
+
+def _shard(n: int, rank: int, size: int, batch_size: int, seed: int, epoch: int) -> List[np.ndarray]:
+    """This rank's batches of an epoch: same count on every rank, from a permutation seeded by (seed, epoch)."""
+    order = np.random.RandomState([seed, epoch]).permutation(n)
+    per_rank = n // size
+    num_batches = per_rank // batch_size
+    if num_batches == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than a rank's share ({per_rank}) of {n} samples")
+    mine = order[rank::size][: num_batches * batch_size]
+    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(num_batches)]
+
+
+def evaluate(net: gluon.Block, loss_fn: gluon.loss.Loss, data: Sequence[np.ndarray], batch_size: int = 256) -> tuple:
+    """(sum of per-sample losses, count) of ``data`` on this rank."""
+    x, y = data
+    total, count = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = mx.nd.array(x[i : i + batch_size]), mx.nd.array(y[i : i + batch_size])
+        total += float(loss_fn(net(xb), yb).sum().asscalar())
+        count += len(yb)
+    return total, count
+
+
+class Fitter:
+    """Holds the network, the trainer and the communicator for one training run (see ``fit``)."""
+
+    def __init__(self, net: gluon.Block, loss_fn: gluon.loss.Loss, comm: Communicator, *, learning_rate: float,
+                 momentum: float, seed: int) -> None:
+        self.net, self.loss_fn, self.comm, self.seed = net, loss_fn, comm, seed
+        self.params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+        all_params = list(net.collect_params().values())
+        self._arrays = [p.data() for p in all_params]
+        self._structural = {id(p): s for s, p in net._collect_params_with_prefix().items()}
+        self._all_params = all_params
+        opt = {"learning_rate": learning_rate, "momentum": momentum}
+        if comm.name == "horovod" and comm.size > 1:
+            import horovod.mxnet as hvd  # noqa: WPS433 -- Horovod's gradient allreduce
+
+            self.trainer: gluon.Trainer = hvd.DistributedTrainer(net.collect_params(), "sgd", opt)
+        else:
+            self.trainer = gluon.Trainer(net.collect_params(), "sgd", opt, kvstore=None)
+        self._grad_views: Optional[List[np.ndarray]] = None
+
+    # -- parameters and optimizer state -------------------------------------------------------
+    def broadcast_parameters(self) -> None:
+        mx.nd.waitall()
+        collectives.broadcast_arrays(self.comm, [numpy_view(a) for a in self._arrays], self._arrays,
+                                     name="iteravg.bcast.params")
+
+    def _updater(self) -> Any:
+        return self.trainer._updaters[0]
+
+    def _momentum(self, create: bool) -> List[mx.nd.NDArray]:
+        """Momentum buffers in ``self.trainer._params`` order, created if needed (restoring before step 1)."""
+        upd = self._updater()
+        out = []
+        for i, p in enumerate(self.trainer._params):
+            if i not in upd.states:
+                if not create:
+                    raise ValueError("optimizer state is not initialised yet")
+                upd.states[i] = self.trainer._optimizer.create_state_multi_precision(i, p.data())
+                upd.states_synced[i] = True
+            out.append(upd.states[i])
+        return out
+
+    def extras(self, history: List[Dict[str, float]], epochs_done: Callable[[], int]) -> Callable[[], tuple]:
+        """The ``checkpoint_extras`` function: last iterate, momentum and history for each snapshot."""
+
+        def make() -> tuple:
+            mx.nd.waitall()
+            params = {self._structural[id(p)]: p.data() for p in self._all_params}
+            momentum = {f"m{i}": s for i, s in enumerate(self._momentum(create=True)) if s is not None}
+            files = {TRAINING_FILE: lambda path: mx.nd.save(str(path), params),
+                     OPTIMIZER_FILE: lambda path: mx.nd.save(str(path), momentum)}
+            opt = self.trainer._optimizer
+            state = {"training": {"epochs_done": epochs_done(), "history": list(history),
+                                  "num_update": int(opt.num_update),
+                                  "index_update_count": {str(k): int(v) for k, v in opt._index_update_count.items()}}}
+            return files, state
+
+        return make
+
+    def restore(self, checkpoint_dir: os.PathLike) -> Dict[str, Any]:
+        """Restore last iterate, momentum and history from the latest snapshot on every rank (collective)."""
+        arrays: Dict[str, Any] = {}
+
+        def read() -> Dict[str, Any]:
+            snap, state = read_snapshot(checkpoint_dir)
+            if "training" not in state.get("extra", {}):
+                raise ValueError(f"checkpoint {checkpoint_dir} holds no training state (written by another tool?)")
+            arrays["params"] = mx.nd.load(str(snap / TRAINING_FILE))
+            arrays["momentum"] = mx.nd.load(str(snap / OPTIMIZER_FILE))
+            return state["extra"]["training"]
+
+        training = collectives.broadcast_json(self.comm, collectives.run_on_root(self.comm, read, "reading training state"))
+        momentum = self._momentum(create=True)
+        targets = list(self._arrays) + [m for m in momentum if m is not None]
+
+        def check_and_copy() -> None:
+            loaded = [arrays["params"].get(self._structural[id(p)]) for p in self._all_params]
+            loaded += [arrays["momentum"].get(f"m{i}") for i, m in enumerate(momentum) if m is not None]
+            for dst, src in zip(targets, loaded):
+                if src is None or src.shape != dst.shape:
+                    raise ValueError(f"checkpoint {checkpoint_dir}: training state does not match this model")
+                src.copyto(dst)
+
+        collectives.run_on_root(self.comm, check_and_copy, "restoring training state")
+        mx.nd.waitall()
+        collectives.broadcast_arrays(self.comm, [numpy_view(a) for a in targets], targets, name="iteravg.bcast.resume")
+        opt = self.trainer._optimizer
+        opt.num_update = int(training["num_update"])
+        opt._index_update_count = {int(k): v for k, v in training["index_update_count"].items()}
+        return training
+
+    # -- one step --------------------------------------------------------------------------------
+    def step(self, xb: np.ndarray, yb: np.ndarray) -> float:
+        with autograd.record():
+            loss = self.loss_fn(self.net(mx.nd.array(xb)), mx.nd.array(yb))
+        loss.backward()
+        if self.comm.name == "mpi" and self.comm.size > 1:
+            mx.nd.waitall()
+            if self._grad_views is None:
+                grads = [p.grad() for p in self.params]
+                self._grad_views = [numpy_view(g) for g in grads]
+                self._grads = grads
+            collectives.allreduce_mean_arrays(self.comm, self._grad_views, self._grads)
+        self.trainer.step(len(yb))
+        return float(loss.sum().asscalar())
+
+
+def fit(
+    net: gluon.Block,
+    loss_fn: gluon.loss.Loss,
+    train: Sequence[np.ndarray],
+    val: Optional[Sequence[np.ndarray]],
+    *,
+    comm: Communicator,
+    callbacks: Sequence[Any] = (),
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    momentum: float = 0.9,
+    seed: int = 0,
+    resume_from: Optional[os.PathLike] = None,
+    on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
+) -> FitResult:
+    """Train ``net`` (initialised, one forward done) data-parallel across ``comm``'s ranks, calling hooks.
+
+    ``callbacks`` are GluonTS-style callbacks. An iteravg ``ModelIterationAveraging`` among them gets the
+    loop's training state added to its snapshots; with ``resume_from`` the loop restores it (and the
+    callback, constructed with ``resume=True``, restores the averaging state).
+    """
+    from ..mx.callback import ModelIterationAveraging  # noqa: WPS433
+
+    fitter = Fitter(net, loss_fn, comm, learning_rate=learning_rate, momentum=momentum, seed=seed)
+    fitter.broadcast_parameters()
+    result = FitResult()
+    for cb in callbacks:
+        if isinstance(cb, ModelIterationAveraging):
+            cb.checkpoint_extras = fitter.extras(result.history, lambda: result.epochs_done)
+    if resume_from is not None:
+        training = fitter.restore(resume_from)
+        result.history.extend(training["history"])
+        result.epochs_done = result.resumed_from = int(training["epochs_done"])
+    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
+
+    def call(hook: str, **kwargs: Any) -> List[Any]:
+        return [getattr(cb, hook)(**kwargs) for cb in callbacks]
+
+    call("on_train_start", max_epochs=epochs)
+    call("on_network_initializing_end", training_network=net)
+    best: Dict[str, Any] = {"params_path": None, "epoch_no": -1, "score": np.inf}
+    for epoch in range(result.epochs_done, epochs):
+        mx.random.seed(seed * 100003 + epoch)
+        call("on_train_epoch_start", training_network=net)
+        batches = _shard(len(train[1]), comm.rank, comm.size, batch_size, seed, epoch)
+        total = 0.0
+        for idx in batches:
+            total += fitter.step(train[0][idx], train[1][idx])
+            call("on_train_batch_end", training_network=net)
+        train_loss = collectives.mean_of_ranks(comm, [total / (len(batches) * batch_size)])[0]
+        go_on = all(call("on_train_epoch_end", epoch_no=epoch, epoch_loss=train_loss, training_network=net,
+                         trainer=fitter.trainer))
+        epoch_loss = train_loss
+        row = {"epoch": epoch + 1, "train_loss": train_loss}
+        if val is not None:
+            call("on_validation_epoch_start", training_network=net)
+            try:
+                s, c = evaluate(net, loss_fn, [val[0][comm.rank :: comm.size], val[1][comm.rank :: comm.size]])
+            except BaseException:
+                _restore_training_weights(callbacks, net)  # never leave averaged weights in the training network
+                raise
+            total_sum, total_count = collectives.mean_of_ranks(comm, [s, c])
+            epoch_loss = total_sum / total_count
+            row["val_loss"] = epoch_loss
+            go_on = all(call("on_validation_epoch_end", epoch_no=epoch, epoch_loss=epoch_loss, training_network=net,
+                             trainer=fitter.trainer)) and go_on
+        if epoch_loss < best["score"]:
+            best = {"params_path": None, "epoch_no": epoch, "score": epoch_loss}
+        result.history.append(row)
+        result.epochs_done = epoch + 1
+        go_on = go_on and all(call("on_epoch_end", epoch_no=epoch, epoch_loss=epoch_loss, training_network=net,
+                                   trainer=fitter.trainer, best_epoch_info=best, ctx=mx.cpu()))
+        if on_epoch is not None:
+            on_epoch(row)
+        if stop_after and epoch + 1 >= stop_after:
+            raise StoppedEarly(f"stopped after epoch {epoch + 1} ({STOP_ENV}={stop_after})")
+        if not go_on:
+            logger.info("a callback stopped training after epoch %d", epoch + 1)
+            break
+    return result
+
+
+def finish_training(net: gluon.Block, callbacks: Sequence[Any], temporary_dir: Optional[str] = None) -> None:
+    """GluonTS's last hook: ``on_train_end`` (iteravg's loads the averaged model into ``net``)."""
+    for cb in callbacks:
+        cb.on_train_end(training_network=net, temporary_dir=temporary_dir, ctx=mx.cpu())
+
+
+def _restore_training_weights(callbacks: Sequence[Any], net: gluon.Block) -> None:
+    for cb in callbacks:
+        strategy = getattr(cb, "avg_strategy", None)
+        if strategy is not None and hasattr(strategy, "load_cached_model"):
+            strategy.load_cached_model(net)
