@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=_float_in(0, 1, hi_open=True), default=0.9)
     t.add_argument("--seed", type=_int_at_least(0), default=0)
     t.add_argument("--hidden", type=_int_at_least(1), default=64, help="units of the MLP's two hidden layers")
-    t.add_argument("--n", type=int, default=5, help="NTA non-monotone interval (<= 0 disables the metric trigger)")
+    # Not "--n": horovodrun rejects it as an ambiguous abbreviation of its own options, even after the command.
+    t.add_argument("--nta-n", type=int, default=5,
+                   help="NTA non-monotone interval n (<= 0 disables the metric trigger)")
     t.add_argument("--last-n-trigger", action="store_true", help="NTA compares with the last n logs")
     t.add_argument("--maximize", action="store_true", help="NTA: the metric is to be maximised")
     t.add_argument("--alpha", type=_float_in(0, 1), default=0.75, help="alpha-suffix: share of epochs averaged")
@@ -111,7 +113,7 @@ def _strategy(args: argparse.Namespace):
 
     common = dict(comm=None if args.comm == "auto" else args.comm, sync=args.sync)
     if args.strategy == "nta":
-        return im.NTA(epochs=args.epochs, n=args.n, maximize=args.maximize, last_n_trigger=args.last_n_trigger,
+        return im.NTA(epochs=args.epochs, n=args.nta_n, maximize=args.maximize, last_n_trigger=args.last_n_trigger,
                       eta=args.eta, fallback_alpha=args.fallback_alpha, **common)
     if args.strategy == "alpha-suffix":
         return im.Alpha_Suffix(epochs=args.epochs, alpha=args.alpha, eta=args.eta, **common)
