@@ -205,12 +205,13 @@ class IterationAveragingStrategy:
             self.load_cached_model(model)
 
     # -- distribution ----------------------------------------------------------------------------
-    def sync_average(self) -> None:
+    def sync_average(self, force: bool = False) -> None:
         """Make the averaged model bitwise identical on all ranks (collective; no-op on one rank).
 
-        Call it on every rank at the same point. Skipped when nothing was folded since the last sync.
+        Call it on every rank at the same point. Skipped when no fold was attempted since the last sync,
+        unless ``force`` (the epoch-end sync forces it, so that it never depends on per-rank batch counts).
         """
-        if self._state is None or not self._dirty:
+        if self._state is None or not (self._dirty or force):
             return
         self.schedule.average_counter = collectives.sync_average(
             self.comm, self._state, self.schedule.average_counter, mode=self.sync
