@@ -45,11 +45,14 @@ pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
 # 3. Python dependencies, in the order that works: numpy pinned for mxnet (numpy 1.24 removed np.bool),
 #    then mxnet, then Horovod built from source against both.
-if [ ! -e "$stamp_dir/base" ]; then
+# Stamps carry a hash of their requirements file, so editing it re-runs that step.
+base_stamp=$stamp_dir/base-$(sha256sum "$here/requirements/base.txt" | cut -c1-12)
+dev_stamp=$stamp_dir/dev-$(sha256sum "$here/requirements/dev.txt" | cut -c1-12)
+if [ ! -e "$base_stamp" ]; then
   log "installing numpy, mxnet, mpi4py and test/doc tools"
   pip --upgrade "pip<26" wheel "setuptools<70"
   pip -r "$here/requirements/base.txt"
-  touch "$stamp_dir/base"
+  touch "$base_stamp"
 fi
 if [ ! -e "$stamp_dir/horovod" ] || ! "$py" -c 'import horovod.mxnet' >/dev/null 2>&1; then
   log "building horovod 0.28.1 from source (MXNet + MPI + Gloo), ~80 s"
@@ -60,10 +63,10 @@ if [ ! -e "$stamp_dir/horovod" ] || ! "$py" -c 'import horovod.mxnet' >/dev/null
     "$py" -m pip install --disable-pip-version-check -q --no-build-isolation --no-cache-dir horovod==0.28.1
   touch "$stamp_dir/horovod"
 fi
-if [ ! -e "$stamp_dir/dev" ]; then
+if [ ! -e "$dev_stamp" ]; then
   log "installing test and docs dependencies"
   pip -r "$here/requirements/dev.txt"
-  touch "$stamp_dir/dev"
+  touch "$dev_stamp"
 fi
 # 4. iteravg itself (editable, cheap; always re-run so entry points follow pyproject.toml).
 if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
