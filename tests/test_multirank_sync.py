@@ -211,3 +211,16 @@ def test_bad_checkpoint_on_resume_raises_the_same_error_on_every_rank(tmp_path, 
                 "wrong-model": "another model"}[damage]
     assert errors[0].split(":")[0] in ("ValueError", "CheckpointError"), errors[0]
     assert expected in errors[0], errors[0]
+
+
+def test_sync_every_k_batches_and_only_rank_0_writes(tmp_path):
+    """sync_every_batches=2 adds batch-level syncs; the result is still the average of the rank means, and
+    with a checkpoint directory per rank only rank 0's is ever created."""
+    run(horovodrun(2, [WORKER, str(tmp_path), "--sync-every", "2", "--ckpt-per-rank"]), timeout=180)
+    infos, avgs, _ = read_ranks(tmp_path, 2)
+    assert avgs[0] == avgs[1]
+    _, ref_avg, ref_counter = reference(2)
+    assert infos[0]["counter"] == ref_counter
+    np.testing.assert_allclose(np.load(tmp_path / "rank0-avg.npy"), ref_avg, rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "ckpt-r0" / "averaged.params").exists()
+    assert not (tmp_path / "ckpt-r1").exists()

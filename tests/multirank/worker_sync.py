@@ -34,9 +34,13 @@ def main() -> int:
     ap.add_argument("--nan-metric-ranks", default="", help="comma-separated ranks whose metric is NaN")
     ap.add_argument("--nan-param-rank", type=int, default=-1, help="this rank's iterate at --nan-param-at has a NaN")
     ap.add_argument("--nan-param-at", default="3,1", help="EPOCH,BATCH of the NaN iterate")
+    ap.add_argument("--sync-every", type=int, default=0, help="sync_every_batches")
+    ap.add_argument("--ckpt-per-rank", action="store_true", help="checkpoint_dir OUT/ckpt-r<rank> (only r0 may write)")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, to make the job slow for kill tests")
     args = ap.parse_args()
-    strategy = ours.NTA(**nta_kwargs()) if args.strategy == "nta" else ours.Alpha_Suffix(epochs=EPOCHS, alpha=0.5)
+    extra = dict(sync_every_batches=args.sync_every)
+    strategy = (ours.NTA(**nta_kwargs(), **extra) if args.strategy == "nta"
+                else ours.Alpha_Suffix(epochs=EPOCHS, alpha=0.5, **extra))
     comm = strategy.comm
     rank = comm.rank
     os.makedirs(args.out, exist_ok=True)
@@ -44,7 +48,8 @@ def main() -> int:
         f.write(str(os.getpid()))
     try:
         net = make_net("other" if args.variant_on_rank in (rank, -2) else "same")
-        cb = ours.ModelIterationAveraging(strategy, checkpoint_dir=os.path.join(args.out, "ckpt"), resume=args.resume)
+        ckpt = os.path.join(args.out, f"ckpt-r{rank}" if args.ckpt_per_rank else "ckpt")
+        cb = ours.ModelIterationAveraging(strategy, checkpoint_dir=ckpt, resume=args.resume)
         cb.on_network_initializing_end(training_network=net)
         start = cb._epochs_done
         started = []
