@@ -194,15 +194,14 @@ def _first_difference(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]]) ->
 
 
 # -- averaged state ------------------------------------------------------------------------------
-def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: str = "mean",
-                 verify: bool = True) -> int:
+def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: str = "mean") -> int:
     """Make the averaged model identical on every rank; returns the agreed ``average_counter``.
 
     ``mode="mean"``: allreduce-mean of each dtype buffer, so every rank's iterates (and BatchNorm
     statistics) count; the update is linear, so the result is the average of the rank-mean iterates.
     ``mode="broadcast"``: rank 0's average wins.
 
-    Then (``verify=True``) a fingerprint allgather checks bitwise identity; if ranks differ (an allreduce
+    Then one small allreduce-max of the buffers' fingerprints checks bitwise identity; if ranks differ (an allreduce
     is allowed to round differently per rank), rank 0's buffers are broadcast and checked again, and
     ``ReplicaDivergenceError`` is raised on every rank if they still differ. The counter is the maximum
     over ranks (ranks differ only if one refused a non-finite iterate).
@@ -216,8 +215,6 @@ def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: s
             _allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0)
         else:
             comm.broadcast_(state.sync_view(g), root=0, name=f"iteravg.avg.{g}", native=state.native(g))
-    if not verify:
-        return _max_counter(comm, counter)
     _maybe_inject_divergence(comm, state)
     same, counter_max = _identical(comm, state, counter)
     if not same:
@@ -279,12 +276,6 @@ def _maybe_inject_divergence(comm: Communicator, state: AveragedState) -> None:
     if fault.startswith("diverge-after-allreduce:") and comm.rank == int(fault.split(":", 1)[1]):
         buf = state.current(0)
         buf[:1].view(np.uint8)[0] ^= 1
-
-
-def _max_counter(comm: Communicator, counter: int) -> int:
-    c = np.array([counter], dtype=np.int64)
-    comm.allreduce_(c, op="max", name="iteravg.counter")
-    return int(c[0])
 
 
 # -- training-loop helpers -----------------------------------------------------------------------
