@@ -1,25 +1,65 @@
 #!/usr/bin/env bash
-# Data-parallel training with synchronised averaging on this host, one process per rank.
+# launch/horovodrun-local.sh -- data-parallel `iteravg train` on THIS host, one process per rank, via horovodrun.
 #
-#   launch/horovodrun-local.sh NP [iteravg train args...]      e.g. launch/horovodrun-local.sh 2 --epochs 40
-#   launch/horovodrun-local.sh NP --bench-sync                 the sync-vs-raw-allreduce benchmark
+# What it runs:
+#   horovodrun -np NP -H localhost:NP iteravg train [args...]
+#   horovodrun -np NP -H localhost:NP python3 benchmarks/bench_sync.py    (when the first argument is --bench-sync)
 #
-# Needs: horovodrun and iteravg on PATH (the repo's .venv/bin is used if present; `make setup` creates it),
-# Open MPI (Horovod's MPI controller) or GLOO=1 for the Gloo controller. As root, Open MPI refuses to run
-# unless OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (set here when running as root). More
-# ranks than cores is allowed (oversubscription), at the cost of speed.
+# Usage:
+#   launch/horovodrun-local.sh NP [iteravg train args...]
+#   launch/horovodrun-local.sh NP --bench-sync
+#
+# Examples:
+#   launch/horovodrun-local.sh 2 --out runs/demo                          # what `make demo` runs
+#   launch/horovodrun-local.sh 4 --epochs 60 --strategy alpha-suffix --alpha 0.5 --out runs/a
+#   launch/horovodrun-local.sh 2 --out runs/a --resume                     # continue from runs/a/checkpoints
+#   GLOO=1 launch/horovodrun-local.sh 3 --out runs/gloo                    # Gloo controller instead of MPI
+#   launch/horovodrun-local.sh 2 --bench-sync                              # epoch-end sync vs raw allreduce
+#
+# Environment it needs:
+#   * horovodrun (Horovod 0.28.1 built with MXNet) and iteravg on PATH. The repo's .venv/bin is put first on
+#     PATH when it exists (`make setup` / scripts/install.sh creates it).
+#   * Open MPI (Horovod's default MPI controller), or GLOO=1 for the Gloo controller (no MPI needed at run time).
+# Environment it sets:
+#   * OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 when run as root (Open MPI refuses root otherwise).
+#   * OMPI_MCA_rmaps_base_oversubscribe=1 when NP > number of cores (allowed, but slower); a value you set wins.
+#   * OMP_NUM_THREADS=1 unless set (one MXNet thread per rank; also what makes --resume bitwise exact).
+# Optional:
+#   GLOO=1                   use Horovod's Gloo controller (on the loopback interface)
+#   HOROVODRUN_ARGS="..."    extra horovodrun options, e.g. "--timeline-filename /tmp/tl.json"
 set -euo pipefail
+
 here=$(cd "$(dirname "$0")/.." && pwd)
-[ -x "$here/.venv/bin/horovodrun" ] && export PATH="$here/.venv/bin:$PATH"
-np=${1:?usage: $0 NP [iteravg train args...]}
+usage="usage: $0 NP [iteravg train args...] | $0 NP --bench-sync"
+np=${1:-}
+if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$usage" >&2
+  exit 2
+fi
 shift
+
+[ -d "$here/.venv/bin" ] && export PATH="$here/.venv/bin:$PATH"
+if ! command -v horovodrun >/dev/null 2>&1; then
+  echo "$0: horovodrun not found; run 'make setup' (or scripts/install.sh) first" >&2
+  exit 127
+fi
+
 if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
-export OMPI_MCA_rmaps_base_oversubscribe=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-controller=()
-[ "${GLOO:-0}" = 1 ] && controller=(--gloo --network-interface lo)
-if [ "${1:-}" = "--bench-sync" ]; then
-  exec horovodrun -np "$np" -H "localhost:$np" "${controller[@]}" python "$here/benchmarks/bench_sync.py"
+cores=$(nproc 2>/dev/null || echo 1)
+if [ "$np" -gt "$cores" ]; then
+  export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
 fi
-exec horovodrun -np "$np" -H "localhost:$np" "${controller[@]}" iteravg train "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+args=(-np "$np" -H "localhost:$np")
+[ "${GLOO:-0}" = 1 ] && args+=(--gloo --network-interface lo)
+# shellcheck disable=SC2206  # word splitting of the user's extra options is intended
+[ -n "${HOROVODRUN_ARGS:-}" ] && args+=(${HOROVODRUN_ARGS})
+
+if [ "${1:-}" = "--bench-sync" ]; then
+  shift
+  exec horovodrun "${args[@]}" python3 "$here/benchmarks/bench_sync.py" "$@"
+fi
+exec horovodrun "${args[@]}" iteravg train "$@"

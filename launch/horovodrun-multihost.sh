@@ -1,28 +1,57 @@
 #!/usr/bin/env bash
-# Data-parallel training across several hosts with horovodrun.
+# launch/horovodrun-multihost.sh -- data-parallel `iteravg train` across several hosts with horovodrun.
 #
-#   HOSTS=host1:4,host2:4 launch/horovodrun-multihost.sh 8 [iteravg train args...]
+# What it runs:
+#   horovodrun -np NP -H $HOSTS [--network-interface IF] [--gloo] [-p PORT] iteravg train [args...]
 #
-# Needs on every host: the same path to this repo and its .venv (run `make setup` on each, or share it),
-# passwordless ssh from the launching host, and Open MPI. Optional:
-#   NETWORK_INTERFACE=eth0   the interface Horovod/MPI should use (--network-interface)
-#   GLOO=1                   use the Gloo controller instead of MPI
-#   SSH_PORT=2222            if sshd does not listen on 22
-# Only rank 0 (the first slot of the first host) writes checkpoints, report and plot: put --out and
-# --checkpoint-dir on storage rank 0 can write; for --resume, rank 0 reads and broadcasts, so other hosts
-# need no access to the checkpoint directory.
+# Usage:
+#   HOSTS=host1:4,host2:4 launch/horovodrun-multihost.sh NP [iteravg train args...]
+#
+# Examples:
+#   HOSTS=node1:4,node2:4 launch/horovodrun-multihost.sh 8 --epochs 100 --out /shared/runs/a
+#   HOSTS=node1:2,node2:2 NETWORK_INTERFACE=eth0 launch/horovodrun-multihost.sh 4 --out runs/b
+#   HOSTS=node1:2,node2:2 GLOO=1 NETWORK_INTERFACE=eth0 launch/horovodrun-multihost.sh 4
+#
+# Environment it needs, on EVERY host:
+#   * this repository at the same path, with its .venv (`make setup` on each host, or a shared file system);
+#   * passwordless ssh from the launching host to every other host (and host keys already accepted);
+#   * Open MPI (the default MPI controller), or GLOO=1 for the Gloo controller;
+#   * TCP reachability between hosts on the chosen interface (Horovod opens its own ports).
+# Variables:
+#   HOSTS                    required: comma-separated host:slots; the first slot of the first host is rank 0
+#   NETWORK_INTERFACE=eth0   optional: interface for Horovod and MPI traffic (--network-interface)
+#   GLOO=1                   optional: Horovod's Gloo controller instead of MPI (--gloo)
+#   SSH_PORT=2222            optional: if sshd does not listen on 22 (-p)
+#   HOROVODRUN_ARGS="..."    optional: extra horovodrun options
+# Only rank 0 writes checkpoints, report.json and val_loss.png: put --out / --checkpoint-dir on storage rank 0
+# can write. For --resume rank 0 reads and broadcasts, so the other hosts need no access to the checkpoints.
+# horovodrun forwards the launching shell's environment (PATH, OMP_NUM_THREADS, ITERAVG_*) to every rank.
 set -euo pipefail
+
 here=$(cd "$(dirname "$0")/.." && pwd)
-[ -x "$here/.venv/bin/horovodrun" ] && export PATH="$here/.venv/bin:$PATH"
-np=${1:?usage: HOSTS=h1:N,h2:N $0 NP [iteravg train args...]}
+usage="usage: HOSTS=host1:N,host2:N $0 NP [iteravg train args...]"
+np=${1:-}
+if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$usage" >&2
+  exit 2
+fi
 shift
-: "${HOSTS:?set HOSTS=host1:slots,host2:slots}"
-args=(-np "$np" -H "$HOSTS")
-[ -n "${NETWORK_INTERFACE:-}" ] && args+=(--network-interface "$NETWORK_INTERFACE")
-[ "${GLOO:-0}" = 1 ] && args+=(--gloo)
-[ -n "${SSH_PORT:-}" ] && args+=(-p "$SSH_PORT")
+if [ -z "${HOSTS:-}" ]; then
+  echo "$0: set HOSTS=host1:slots,host2:slots" >&2
+  echo "$usage" >&2
+  exit 2
+fi
+
+[ -d "$here/.venv/bin" ] && export PATH="$here/.venv/bin:$PATH"
 if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+args=(-np "$np" -H "$HOSTS")
+[ -n "${NETWORK_INTERFACE:-}" ] && args+=(--network-interface "$NETWORK_INTERFACE")
+[ "${GLOO:-0}" = 1 ] && args+=(--gloo)
+[ -n "${SSH_PORT:-}" ] && args+=(-p "$SSH_PORT")
+# shellcheck disable=SC2206  # word splitting of the user's extra options is intended
+[ -n "${HOROVODRUN_ARGS:-}" ] && args+=(${HOROVODRUN_ARGS})
 exec horovodrun "${args[@]}" iteravg train "$@"

@@ -1,22 +1,58 @@
 #!/usr/bin/env bash
-# Data-parallel training under plain mpirun (no horovodrun).
+# launch/mpirun.sh -- data-parallel `iteravg train` under plain mpirun (no horovodrun).
 #
+# What it runs:
+#   mpirun -np NP --bind-to none --map-by slot -x PATH -x OMP_NUM_THREADS [-x ITERAVG_*...] iteravg train [args...]
+#
+# Usage:
 #   launch/mpirun.sh NP [iteravg train args...]
-#   ITERAVG_COMM=mpi launch/mpirun.sh 3 --epochs 20      force the mpi4py communicator
-#   HOSTFILE=hosts.txt launch/mpirun.sh 8                 several hosts (Open MPI hostfile)
 #
-# iteravg picks Horovod when it is built (it runs on MPI's ranks), else mpi4py; ITERAVG_COMM=horovod|mpi|local
-# overrides. Needs Open MPI and the repo's .venv (`make setup`); on several hosts the same paths everywhere.
+# Examples:
+#   launch/mpirun.sh 2 --out runs/mpi                       # Horovod on MPI's ranks if built, else mpi4py
+#   ITERAVG_COMM=mpi launch/mpirun.sh 3 --epochs 20         # force the mpi4py communicator
+#   ITERAVG_COMM=horovod launch/mpirun.sh 2                 # require Horovod (error if it is not built)
+#   HOSTFILE=hosts.txt launch/mpirun.sh 8 --out /shared/runs/a   # several hosts (Open MPI hostfile)
+#
+# Communicator: iteravg sees an MPI launch (OMPI_COMM_WORLD_SIZE / PMI / PMIx variables) and uses Horovod if it
+# imports, else mpi4py. ITERAVG_COMM=horovod|mpi|local overrides that choice (`iteravg train --comm` too).
+#
+# Environment it needs: Open MPI's mpirun, and iteravg with mpi4py and/or Horovod (the repo's .venv/bin is put
+# first on PATH when it exists; `make setup` creates it). On several hosts: the same paths everywhere and
+# passwordless ssh. Exported to every rank with -x: PATH, OMP_NUM_THREADS, LD_LIBRARY_PATH and VIRTUAL_ENV/
+# PYTHONPATH if set, and each ITERAVG_* variable that is set (ITERAVG_COMM, ITERAVG_NO_KERNEL, ITERAVG_FAULT,
+# ITERAVG_STOP_AFTER_EPOCH). Sets OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM)=1 as root, and --oversubscribe when NP
+# exceeds this host's cores and no HOSTFILE is given. --bind-to none: MXNet and Horovod run helper threads.
+# Optional: HOSTFILE=path (Open MPI hostfile), MPIRUN_ARGS="..." (extra mpirun options).
 set -euo pipefail
+
 here=$(cd "$(dirname "$0")/.." && pwd)
-[ -x "$here/.venv/bin/python" ] && export PATH="$here/.venv/bin:$PATH"
-np=${1:?usage: $0 NP [iteravg train args...]}
+usage="usage: $0 NP [iteravg train args...]"
+np=${1:-}
+if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$usage" >&2
+  exit 2
+fi
 shift
+
+[ -d "$here/.venv/bin" ] && export PATH="$here/.venv/bin:$PATH"
+if ! command -v mpirun >/dev/null 2>&1; then
+  echo "$0: mpirun not found; run 'make setup' (or scripts/install.sh) first" >&2
+  exit 127
+fi
 if [ "$(id -u)" -eq 0 ]; then
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-args=(-np "$np" --bind-to none --map-by slot --oversubscribe -x PATH -x OMP_NUM_THREADS -x LD_LIBRARY_PATH)
-[ -n "${ITERAVG_COMM:-}" ] && args+=(-x ITERAVG_COMM)
-[ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
+
+args=(-np "$np" --bind-to none --map-by slot -x PATH -x OMP_NUM_THREADS)
+for var in LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH ITERAVG_COMM ITERAVG_NO_KERNEL ITERAVG_FAULT ITERAVG_STOP_AFTER_EPOCH; do
+  [ -n "${!var:-}" ] && args+=(-x "$var")
+done
+if [ -n "${HOSTFILE:-}" ]; then
+  args+=(--hostfile "$HOSTFILE")
+elif [ "$np" -gt "$(nproc 2>/dev/null || echo 1)" ]; then
+  args+=(--oversubscribe)
+fi
+# shellcheck disable=SC2206  # word splitting of the user's extra options is intended
+[ -n "${MPIRUN_ARGS:-}" ] && args+=(${MPIRUN_ARGS})
 exec mpirun "${args[@]}" iteravg train "$@"

@@ -117,12 +117,20 @@ def test_resume_is_exact_under_horovodrun_and_works_on_another_world_size(tmp_pa
     (["--strategy", "swa"], "--strategy"),
     (["--resume", "--checkpoint-dir", "/nonexistent/iteravg"], "does not exist"),
     (["--data", "/nonexistent.csv"], "--data"),
+    (["--batch-size", "100000"], "--batch-size"),
 ])
 def test_bad_arguments_are_usage_errors(tmp_path, args, needle):
     proc = subprocess.run(cli("train", "--out", str(tmp_path / "o"), *args), capture_output=True, text=True,
                           timeout=120, env=job_env())
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "usage:" in proc.stderr
+
+
+def test_poly_averages_every_iterate_from_the_first_batch(tmp_path):
+    single(tmp_path, "--strategy", "poly", "--epochs", "3")
+    rep = json.loads((tmp_path / "report.json").read_text())
+    batches = 265 // 16
+    assert rep["trigger_epoch"] == 0 and rep["average_counter"] == 3 * (batches + 1)  # + GluonTS's epoch-end recount
 
 
 def test_user_csv(tmp_path):
@@ -134,3 +142,138 @@ def test_user_csv(tmp_path):
     single(tmp_path / "run", "--data", str(path))
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rep["data"] == "data.csv" and rep["metrics"]["averaged"]["test_mse"] < 0.5
+
+
+# -- stopping, as in GluonTS, and agreed across ranks --------------------------------------------------
+class Stopper(__import__("iteravg.mx", fromlist=["x"]).ModelIterationAveraging.__mro__[1]):
+    """Records hook calls; returns False from ``hook`` at ``epoch`` (0-based; batch ``batch`` for batch hooks)
+    on ``rank`` only (None: every rank)."""
+
+    def __init__(self, hook: str, epoch: int, batch: int = 0, rank=None, comm_rank: int = 0):
+        self.hook, self.epoch, self.batch, self.rank, self.comm_rank = hook, epoch, batch, rank, comm_rank
+        self.calls, self._epoch, self._batch = [], -1, 0
+
+    def _says(self, name: str) -> bool:
+        stop = name == self.hook and self._epoch == self.epoch and (self.rank is None or self.rank == self.comm_rank)
+        if name == "on_train_batch_end":
+            stop = stop and self._batch == self.batch
+        return not stop
+
+    def on_train_epoch_start(self, training_network):
+        self._epoch, self._batch = self._epoch + 1, 0
+        self.calls.append(("on_train_epoch_start", self._epoch))
+
+    def on_train_batch_end(self, training_network):
+        self._batch += 1
+        self.calls.append(("on_train_batch_end", self._epoch))
+        return self._says("on_train_batch_end")
+
+    def on_train_epoch_end(self, **kw):
+        self.calls.append(("on_train_epoch_end", self._epoch))
+        return self._says("on_train_epoch_end")
+
+    def on_validation_epoch_end(self, **kw):
+        self.calls.append(("on_validation_epoch_end", self._epoch))
+        return self._says("on_validation_epoch_end")
+
+    def on_epoch_end(self, **kw):
+        self.calls.append(("on_epoch_end", self._epoch))
+        return self._says("on_epoch_end")
+
+
+def test_a_false_batch_hook_stops_at_once_on_one_process():
+    import iteravg.mx as im
+    from iteravg.cli import _make_net
+    from iteravg.comm import get_comm
+    from iteravg.data import load
+    from iteravg.train import fit
+
+    ds = load()
+    stopper = Stopper("on_train_batch_end", epoch=1, batch=3)
+    res = fit(_make_net(ds.num_features, 8, 0), __import__("mxnet").gluon.loss.L2Loss(), ds.train, ds.val,
+              comm=get_comm("local"), callbacks=[im.ModelIterationAveraging(im.Alpha_Suffix(epochs=5, alpha=1.0)),
+                                                 stopper], epochs=5, batch_size=32, learning_rate=0.05)
+    assert res.stopped_by_callback and res.epochs_done == 2
+    assert stopper.calls.count(("on_train_batch_end", 1)) == 3  # no batch after the one that said stop
+    assert ("on_epoch_end", 1) in stopper.calls  # GluonTS finishes the epoch's hooks, then stops
+
+
+def test_a_false_epoch_hook_skips_on_epoch_end_and_train_end_snapshot_keeps_the_last_iterate(tmp_path):
+    import mxnet as mx
+
+    import iteravg.mx as im
+    from iteravg.cli import _make_net
+    from iteravg.comm import get_comm
+    from iteravg.data import load
+    from iteravg.train import finish_training, fit
+
+    ds = load()
+    net = _make_net(ds.num_features, 8, 0)
+    strategy = im.Alpha_Suffix(epochs=5, alpha=1.0)
+    callbacks = [im.ModelIterationAveraging(strategy, checkpoint_dir=tmp_path / "ck"),
+                 Stopper("on_validation_epoch_end", epoch=2)]
+    res = fit(net, mx.gluon.loss.L2Loss(), ds.train, ds.val, comm=get_comm("local"), callbacks=callbacks,
+              epochs=5, batch_size=32, learning_rate=0.05)
+    assert res.stopped_by_callback and res.epochs_done == 3
+    assert ("on_epoch_end", 2) not in callbacks[1].calls and ("on_epoch_end", 1) in callbacks[1].calls
+    last = {k: v.asnumpy().copy() for k, v in net._collect_params_with_prefix().items()}
+    finish_training(net, callbacks)  # net now holds the average; the train-end snapshot is epoch 3's
+    state = json.loads((tmp_path / "ck" / "averaging-state.json").read_text())
+    assert state["stage"] == "train_end" and state["extra"]["training"]["epochs_done"] == 3
+    saved = mx.nd.load(str(tmp_path / "ck" / "latest" / "training.params"))
+    for k, v in last.items():
+        np.testing.assert_array_equal(saved[k].asnumpy(), v)  # the last iterate, not the averaged weights
+    averaged = mx.nd.load(str(tmp_path / "ck" / "averaged.params"))
+    for k, v in net._collect_params_with_prefix().items():
+        np.testing.assert_array_equal(averaged[k].asnumpy(), v.data().asnumpy())
+
+
+WORKER = '''
+import sys
+sys.path.insert(0, {tests!r})
+import mxnet as mx
+import iteravg.mx as im
+from iteravg import collectives
+from iteravg.cli import _make_net
+from iteravg.data import load
+from iteravg.train import finish_training, fit
+from test_train_e2e import Stopper
+
+strategy = im.Alpha_Suffix(epochs=6, alpha=1.0, comm="horovod")
+comm = strategy.comm
+ds = load()
+net = _make_net(ds.num_features, 8, 0)
+stopper = Stopper({hook!r}, epoch=1, batch=2, rank=1, comm_rank=comm.rank)
+res = fit(net, mx.gluon.loss.L2Loss(), ds.train, ds.val, comm=comm, callbacks=[im.ModelIterationAveraging(strategy),
+          stopper], epochs=6, batch_size=16, learning_rate=0.05)
+finish_training(net, [im.ModelIterationAveraging(strategy)])
+collectives.finish(comm)
+with open({out!r} + f"/result-{{comm.rank}}.txt", "w") as f:
+    f.write(f"{{res.epochs_done}} {{stopper.calls.count(('on_epoch_end', 1))}}")
+'''
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("hook", ["on_train_batch_end", "on_validation_epoch_end"])
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_epoch(tmp_path, hook):
+    """A hook saying stop on rank 1 only must not leave rank 0 alone in on_epoch_end's collectives."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent), hook=hook, out=str(tmp_path)))
+    run(horovodrun(2, [str(script)]), timeout=240)
+    results = [(tmp_path / f"result-{r}.txt").read_text() for r in range(2)]
+    expected_epoch_end = 1 if hook == "on_train_batch_end" else 0  # batch stop: the epoch's hooks still run
+    assert results == [f"2 {expected_epoch_end}"] * 2  # epochs done, on_epoch_end calls in the stop epoch
+
+
+def test_cli_spellings_and_data_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,target\n1,2,3\n4,five,6\n")
+    proc = subprocess.run(cli("train", "--out", str(tmp_path / "o"), "--data", str(bad)), capture_output=True,
+                          text=True, timeout=120, env=job_env())
+    assert proc.returncode == 2 and "numeric" in proc.stderr and "usage:" in proc.stderr
+    proc = subprocess.run(cli("train", "--n", "zero"), capture_output=True, text=True, timeout=120, env=job_env())
+    assert proc.returncode == 2 and "--nta-n/--n" in proc.stderr
+    proc = subprocess.run(cli("train", "--out", str(tmp_path / "o")), capture_output=True, text=True, timeout=120,
+                          env=job_env({"ITERAVG_STOP_AFTER_EPOCH": "soon"}))
+    assert proc.returncode == 2 and "ITERAVG_STOP_AFTER_EPOCH" in proc.stderr

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with iteration averaging; rank 0 writes checkpoints, report and plot.")
     t.add_argument("--strategy", choices=["nta", "alpha-suffix", "poly"], default="nta",
                    help="nta: start when the validation loss stops improving; alpha-suffix: average the last "
-                        "alpha share of epochs; poly: average from the first epoch (default: nta)")
+                        "alpha share of epochs; poly: average every iterate from the first batch (default: nta)")
     t.add_argument("--epochs", type=_int_at_least(1), default=40)
     t.add_argument("--batch-size", type=_int_at_least(1), default=8)
     t.add_argument("--lr", type=_float_in(0, 10, lo_open=True), default=0.05, help="SGD learning rate")
@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_int_at_least(0), default=0)
     t.add_argument("--hidden", type=_int_at_least(1), default=64, help="units of the MLP's two hidden layers")
     # Not "--n": horovodrun rejects it as an ambiguous abbreviation of its own options, even after the command.
-    t.add_argument("--nta-n", type=int, default=5,
-                   help="NTA non-monotone interval n (<= 0 disables the metric trigger)")
+    t.add_argument("--nta-n", "--n", dest="nta_n", type=int, default=5,
+                   help="NTA non-monotone interval n (<= 0 disables the metric trigger); spell it --nta-n under "
+                        "horovodrun, which takes --n for an abbreviation of its own options")
     t.add_argument("--last-n-trigger", action="store_true", help="NTA compares with the last n logs")
     t.add_argument("--maximize", action="store_true", help="NTA: the metric is to be maximised")
     t.add_argument("--alpha", type=_float_in(0, 1), default=0.75, help="alpha-suffix: share of epochs averaged")
@@ -117,7 +118,9 @@ def _strategy(args: argparse.Namespace):
                       eta=args.eta, fallback_alpha=args.fallback_alpha, **common)
     if args.strategy == "alpha-suffix":
         return im.Alpha_Suffix(epochs=args.epochs, alpha=args.alpha, eta=args.eta, **common)
-    return im.Alpha_Suffix(epochs=args.epochs, alpha=1.0, eta=args.eta, **common)  # poly: from the first epoch
+    poly = im.IterationAveragingStrategy(eta=args.eta, **common)  # averages every iterate, from the first batch
+    poly.schedule._start(0)
+    return poly
 
 
 def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -126,9 +129,10 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     import iteravg.mx as im
     from iteravg import __version__, collectives, data, report
-    from iteravg.checkpoint import resolve_snapshot
+    from iteravg.checkpoint import latest_epoch, resolve_snapshot
     from iteravg.mx.checkpoint import fingerprint_hex
     from iteravg.train import StoppedEarly, evaluate, finish_training, fit
+    from iteravg.train.loop import stop_after_epoch
 
     try:
         strategy = _strategy(args)
@@ -145,16 +149,38 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "checkpoints"
         if args.resume:
             resolve_snapshot(ckpt)  # raises if there is nothing to resume from
+        else:
+            previous = latest_epoch(ckpt)
+            if previous is not None:
+                log.warning("iteravg: %s already holds a checkpoint (epoch %d); this fresh run replaces it "
+                            "(use --resume to continue it instead)", ckpt, previous)
         out.mkdir(parents=True, exist_ok=True)
         return {"out": str(out), "ckpt": str(ckpt)}
 
+    def load_data() -> Any:
+        stop_after_epoch()  # the testing switch, checked early (usage error if malformed)
+        return data.load(args.data)
+
     try:
         paths = collectives.broadcast_json(comm, collectives.run_on_root(comm, plan, "preparing the run directory"))
-        ds = data.load(args.data)
+        ds, error = None, None
+        try:  # every rank loads the data; a failure on any rank (e.g. a file only some hosts see) fails all
+            ds = load_data()
+        except ValueError as exc:
+            error = exc
+        collectives.agree(comm, error, "loading the data")
     except ValueError as exc:
+        if rank0:  # the error is agreed: every rank has it, rank 0 reports it
+            parser.print_usage(sys.stderr)
+            print(f"iteravg train: error: {exc}", file=sys.stderr)
+        collectives.finish(comm)
+        return EXIT_USAGE
+    per_rank = len(ds.train[1]) // comm.size
+    if args.batch_size > per_rank:
         if rank0:
             parser.print_usage(sys.stderr)
-        print(f"iteravg train: error: {exc}", file=sys.stderr)
+        print(f"iteravg train: error: --batch-size {args.batch_size} is larger than each rank's share of the "
+              f"training data ({per_rank} samples on {comm.size} rank(s))", file=sys.stderr)
         collectives.finish(comm)
         return EXIT_USAGE
     out, ckpt = Path(paths["out"]), Path(paths["ckpt"])
@@ -186,6 +212,12 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             log.info("%s", exc)
         collectives.finish(comm)
         return EXIT_STOPPED
+    except ValueError as exc:  # e.g. a resumed checkpoint that does not fit; raised identically on every rank
+        if bar is not None:
+            bar.close()
+        if rank0:
+            print(f"iteravg train: error: {exc}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
     if bar is not None:
         bar.update(args.epochs - bar.n)
         bar.close()
@@ -252,6 +284,7 @@ def inspect(args: argparse.Namespace) -> int:
     layout_desc = state.get("layout") or []
     summary["tensors"] = len(layout_desc)
     summary["parameters"] = int(sum(int(_prod(s[1])) for s in layout_desc))
+    summary["parameter_bytes"] = int(sum(int(_prod(s[1])) * _itemsize(s[2]) for s in layout_desc))
     if state.get("has_average"):
         try:
             layout = Layout(tuple(TensorSpec(n, tuple(shape), dt) for n, shape, dt in layout_desc))
@@ -270,6 +303,15 @@ def inspect(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"PROBLEM: {p}", file=sys.stderr)
     return 0 if not problems else EXIT_VERIFY_FAILED
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:
+        return 0
 
 
 def _prod(shape: List[int]) -> int:

@@ -15,13 +15,14 @@ name                        what                                                
 ==========================  ====================================================  ============================
 ``iteravg.layout``          allgather of a layout digest (+ broadcast on mismatch)  first bind of a model
 ``iteravg.metric``          allgather of the epoch metric                           NTA decision epochs only
+``iteravg.dirty``           allreduce-max of "folded since the last sync"          before hook-level syncs
 ``iteravg.avg.<g>``         allreduce-mean (or broadcast) of dtype group g's buffer state sync (epoch end, ...)
 ``iteravg.fingerprint``     allreduce-max of (fingerprint, -fingerprint, counter)   after every state sync
 ``iteravg.repair.<g>``      broadcast from rank 0                                   only if fingerprints differ
 ``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads
 ``iteravg.bytes.*``         broadcast of a length, then of the bytes                checkpoint state on resume
 ``iteravg.rank_mean``       allgather of a few scalars                             epoch losses (training loop)
-``iteravg.bcast.<i>``       broadcast from rank 0                                  initial / resumed parameters
+``iteravg.bcast.*.<i>``     broadcast from rank 0 (``params``, ``resume``)         initial / resumed parameters
 ``iteravg.grad.<i>``        allreduce-mean                                         gradients (mpi4py backend)
 ``iteravg.finish``          barrier                                                before a rank leaves
 ==========================  ====================================================  ============================
@@ -56,6 +57,7 @@ __all__ = [
     "broadcast_arrays",
     "allreduce_mean_arrays",
     "run_on_root",
+    "any_rank",
     "METRIC_REDUCTIONS",
 ]
 
@@ -276,6 +278,15 @@ def _maybe_inject_divergence(comm: Communicator, state: AveragedState) -> None:
     if fault.startswith("diverge-after-allreduce:") and comm.rank == int(fault.split(":", 1)[1]):
         buf = state.current(0)
         buf[:1].view(np.uint8)[0] ^= 1
+
+
+def any_rank(comm: Communicator, flag: bool) -> bool:
+    """True on every rank iff ``flag`` is true on at least one rank (a one-integer allreduce-max)."""
+    if comm.size == 1:
+        return bool(flag)
+    v = np.array([1 if flag else 0], dtype=np.int32)
+    comm.allreduce_(v, op="max", name="iteravg.dirty")
+    return bool(v[0])
 
 
 # -- training-loop helpers -----------------------------------------------------------------------

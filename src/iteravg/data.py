@@ -6,9 +6,17 @@ standardised with training-set statistics; the split is fixed (seed 0): 60 % tra
 20 % test. Small batches and a high learning rate make SGD's last iterate noisy on it, which is exactly
 where iterate averaging pays off.
 
-``--data PATH``: a CSV file with a header row and only numeric columns. The column named ``target`` (or,
-if there is none, the last column) is the regression target; every other column is a feature. Rows are
-split 60/20/20 like the default data.
+``--data PATH``: a CSV file (UTF-8, comma-separated) with a header row and only numeric columns, e.g.::
+
+    age,bmi,bp,target
+    0.038,0.061,0.021,151
+    -0.001,-0.051,-0.026,75
+
+The column named ``target`` (or, if there is none, the last column) is the regression target; every other
+column is a feature. Empty lines are skipped; every other row must have as many fields as the header, and
+every field must parse as a finite number (no missing values). At least 10 rows. Rows are split 60/20/20 like
+the default data (seed 0), features and target standardised with training-set statistics; reported MSEs are
+in standardised target units. A missing/unreadable file or non-numeric data is an error (exit 2).
 """
 
 from __future__ import annotations
@@ -46,21 +54,28 @@ def load(path: Optional[str] = None) -> Dataset:
 
 def _read_csv(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except OSError as exc:
-        raise ValueError(f"--data: cannot read {path}: {exc.strerror}") from exc
+        raise ValueError(f"--data: cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise ValueError(f"--data: {path} is not a UTF-8 text (CSV) file") from None
+    except csv.Error as exc:
+        raise ValueError(f"--data: {path} is not a valid CSV file: {exc}") from None
     if len(rows) < 2:
         raise ValueError(f"--data: {path} needs a header row and at least one data row")
     header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    if not body:
+        raise ValueError(f"--data: {path} needs a header row and at least one data row")
     if len(header) < 2:
         raise ValueError(f"--data: {path} needs at least one feature column and a target column")
+    for lineno, r in enumerate(rows[1:], start=2):
+        if r and len(r) != len(header):
+            raise ValueError(f"--data: line {lineno} of {path} has {len(r)} columns, the header has {len(header)}")
     try:
         values = np.array([[float(v) for v in r] for r in body], dtype=np.float64)
     except ValueError as exc:
         raise ValueError(f"--data: {path} must contain only numeric values ({exc})") from None
-    if values.ndim != 2 or values.shape[1] != len(header):
-        raise ValueError(f"--data: every row of {path} must have {len(header)} columns")
     if not np.isfinite(values).all():
         raise ValueError(f"--data: {path} contains NaN or infinite values")
     t = header.index("target") if "target" in header else len(header) - 1

@@ -39,7 +39,8 @@ def plot_losses(run_dir: Path, history: List[Dict[str, float]], trigger_epoch: O
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(epochs, [h["train_loss"] for h in history], label="training loss (last iterate)", color="0.6")
     if any("val_loss" in h for h in history):
-        ax.plot(epochs, [h.get("val_loss", float("nan")) for h in history], label="validation loss", color="C0",
+        ax.plot(epochs, [h.get("val_loss", float("nan")) for h in history], label="validation loss (of the averaged model once averaging started)",
+                color="C0",
                 marker="o", markersize=3)
     if trigger_epoch is not None:
         ax.axvline(trigger_epoch, color="C3", linestyle="--", label=f"averaging starts (epoch {trigger_epoch})")

@@ -17,7 +17,7 @@ _SIGNATURE = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
 
 
 def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
-    if os.environ.get("ITERAVG_NO_KERNEL"):
+    if os.environ.get("ITERAVG_NO_KERNEL", "0").strip() not in ("", "0"):
         return None
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:

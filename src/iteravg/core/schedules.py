@@ -72,7 +72,12 @@ class Schedule:
         return False
 
     def update_trigger(self, metric: Any = None, epoch: int = 0) -> bool:
-        raise NotImplementedError("IterationAveragingStrategy has no trigger; use NTA or Alpha_Suffix")
+        """GluonTS's base class raises here. So does this one, unless averaging was started by hand (set
+        ``averaging_started = True``), which is how the base class averages every iterate: then it is a no-op."""
+        if self.averaging_started:
+            return True
+        raise NotImplementedError("IterationAveragingStrategy has no trigger; use NTA or Alpha_Suffix, or set "
+                                  "averaging_started = True to average every iterate")
 
     def _start(self, epoch: int) -> None:
         self.averaging_started = True

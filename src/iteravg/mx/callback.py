@@ -131,7 +131,7 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             if strategy.averaging_started:
                 strategy._bind(training_network, full_check=True)  # epoch-level check of the arrays
             strategy._apply(training_network)
-        strategy.sync_average(force=strategy.averaging_started)
+        strategy.sync_average(decide_together=True)
         self._epochs_done = epoch_no + 1
         self._checkpoint("epoch_end")
         return True

@@ -177,10 +177,14 @@ class IterationAveragingStrategy:
 
         Distributed: the average is synced first, so every rank loads the same, bitwise-identical weights.
         """
-        if self._state is None or self.schedule.average_counter == 0:
+        if self._state is None:  # replicated: the state exists once any rank attempted a fold
             return
         binding = self._bind(model, full_check=True)
-        self.sync_average()
+        # Decided together, so that whether the sync runs never depends on per-rank batch counts; afterwards
+        # the counter is the maximum over ranks, so the early return below is taken on all ranks or none.
+        self.sync_average(decide_together=True)
+        if self.schedule.average_counter == 0:  # every iterate so far was refused: nothing to load
+            return
         if self._cache is None:
             pairs = [flat_allocator(n, np.dtype(dt)) for dt, n in zip(binding.layout.groups, binding.layout.group_sizes)]
             self._cache = [p[0] for p in pairs]
@@ -205,13 +209,20 @@ class IterationAveragingStrategy:
             self.load_cached_model(model)
 
     # -- distribution ----------------------------------------------------------------------------
-    def sync_average(self, force: bool = False) -> None:
+    def sync_average(self, decide_together: bool = False) -> None:
         """Make the averaged model bitwise identical on all ranks (collective; no-op on one rank).
 
-        Call it on every rank at the same point. Skipped when no fold was attempted since the last sync,
-        unless ``force`` (the epoch-end sync forces it, so that it never depends on per-rank batch counts).
+        Call it on every rank at the same point. Skipped when no fold was attempted since the last sync --
+        a per-rank fact, so the hooks pass ``decide_together=True``: one tiny collective first tells every
+        rank whether *any* rank folded, and all skip or all sync, whatever each rank's batch count was.
+        (Syncing unchanged buffers is not harmless: a mean over 3 ranks can change the last bit.)
         """
-        if self._state is None or not (self._dirty or force):
+        if self._state is None:
+            return
+        dirty = self._dirty
+        if decide_together:
+            dirty = collectives.any_rank(self.comm, dirty)
+        if not dirty:
             return
         self.schedule.average_counter = collectives.sync_average(
             self.comm, self._state, self.schedule.average_counter, mode=self.sync

@@ -11,21 +11,38 @@ Horovod's ``DistributedTrainer``):
   dropped), so every rank issues the same collectives;
 * epoch training loss and validation loss are averaged across ranks (sample-weighted).
 
-Determinism (what ``--resume`` relies on): batches come from a permutation seeded by ``(seed, epoch)``, the
-model is initialised from ``seed``, plain SGD with momentum is used, and on CPU MXNet is deterministic for a
-fixed thread count -- set ``OMP_NUM_THREADS`` (the CLI defaults it to 1). A run resumed from the snapshot of
-epoch k then repeats exactly what the uninterrupted run did, on the same number of ranks; on another number
-of ranks the shards differ, so the continuation is a valid but different run.
+Stopping, as in GluonTS: training stops after an epoch whose ``on_train_epoch_end``,
+``on_validation_epoch_end`` or ``on_epoch_end`` returned ``False`` (``on_epoch_end`` is skipped when an earlier
+hook of the epoch said stop), or after an ``on_train_batch_end`` returned ``False``. With several ranks every
+such decision is first agreed (one small allgather; any rank saying stop stops all), because hooks may decide
+per rank (e.g. GluonTS's ``TrainingTimeLimit``). A batch-level stop then takes effect at the end of the epoch
+(the ranks must keep issuing the same gradient allreduces until they agree); on one process it stops at once.
+Deviation from GluonTS: ``on_validation_epoch_end`` is always called after ``on_validation_epoch_start``, so the
+averaged-weight swap is always undone; the training weights are also put back if validation raises.
 
-Resume: each snapshot written by ``ModelIterationAveraging`` also holds ``training.params`` (the last
-iterate), ``optimizer.params`` (momentum buffers) and the loop's history, via the callback's
-``checkpoint_extras`` hook; nothing is pickled.
+Determinism (what ``--resume`` relies on): batches come from a permutation seeded by ``(seed, epoch)``;
+``mx.random``, ``numpy.random`` and ``random`` are seeded from ``(seed, epoch)`` at every epoch start; the
+caller initialises the model from ``seed`` (the CLI does); plain SGD with momentum is used; and on CPU MXNet is
+deterministic for a fixed thread count -- set ``OMP_NUM_THREADS`` (the CLI and the launch scripts default it to
+1), e.g. ``OMP_NUM_THREADS=1 iteravg train ...``. A run resumed from the snapshot of epoch k then repeats
+exactly what the uninterrupted run did, **on the same number of ranks**; on another number of ranks the shards
+(and the gradient reduction) differ, so the continuation is a valid but different run.
+
+Resume: each snapshot written by ``ModelIterationAveraging`` (rank 0) also holds ``training.params`` (the last
+iterate, by structural parameter name), ``optimizer.params`` (SGD momentum buffers) and JSON extras (epochs
+done, optimizer update counts, learning rate and batch settings, per-epoch loss history), via the callback's
+``checkpoint_extras`` hook. ``fit(..., resume_from=dir)`` makes rank 0 read them and broadcasts them to every
+rank. Nothing is pickled.
+
+Testing switch: ``ITERAVG_STOP_AFTER_EPOCH=k`` raises ``StoppedEarly`` on every rank right after epoch k's hooks
+(so after its checkpoint was written), to simulate a kill for resume tests.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -35,7 +52,7 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from .. import collectives
-from ..checkpoint import read_snapshot
+from ..checkpoint import CheckpointError, read_snapshot
 from ..comm import Communicator
 from ..mx._ndarray import numpy_view
 
@@ -52,9 +69,38 @@ class StoppedEarly(Exception):
 
 @dataclass
 class FitResult:
-    history: List[Dict[str, float]] = field(default_factory=list)
+    history: List[Dict[str, Any]] = field(default_factory=list)
     epochs_done: int = 0
     resumed_from: Optional[int] = None
+    #: True if a callback hook returned False (training stopped before ``epochs``).
+    stopped_by_callback: bool = False
+
+
+def stop_after_epoch() -> int:
+    """The ``ITERAVG_STOP_AFTER_EPOCH`` testing switch (0 = off)."""
+    text = os.environ.get(STOP_ENV, "").strip()
+    try:
+        value = int(text or 0)
+    except ValueError:
+        raise ValueError(f"{STOP_ENV} must be an epoch number, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{STOP_ENV} must be >= 0, got {value}")
+    return value
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Every RNG a model or a callback might use, seeded from (seed, epoch): a resumed epoch repeats exactly."""
+    s = (seed * 100003 + epoch) % (2**31 - 1)
+    mx.random.seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _all_ranks_agree(comm: Communicator, go_on: bool) -> bool:
+    """True iff every rank says go on (collective with several ranks, identical result on all)."""
+    if comm.size == 1:
+        return go_on
+    return collectives.mean_of_ranks(comm, [0.0 if go_on else 1.0])[0] == 0.0
 
 
 def _shard(n: int, rank: int, size: int, batch_size: int, seed: int, epoch: int) -> List[np.ndarray]:
@@ -121,45 +167,47 @@ class Fitter:
             out.append(upd.states[i])
         return out
 
-    def extras(self, history: List[Dict[str, float]], epochs_done: Callable[[], int]) -> Callable[[], tuple]:
+    def extras(self, result: FitResult, config: Dict[str, Any]) -> "_Extras":
         """The ``checkpoint_extras`` function: last iterate, momentum and history for each snapshot."""
+        return _Extras(self, result, config)
 
-        def make() -> tuple:
-            mx.nd.waitall()
-            params = {self._structural[id(p)]: p.data() for p in self._all_params}
-            momentum = {f"m{i}": s for i, s in enumerate(self._momentum(create=True)) if s is not None}
-            files = {TRAINING_FILE: lambda path: mx.nd.save(str(path), params),
-                     OPTIMIZER_FILE: lambda path: mx.nd.save(str(path), momentum)}
-            opt = self.trainer._optimizer
-            state = {"training": {"epochs_done": epochs_done(), "history": list(history),
-                                  "num_update": int(opt.num_update),
-                                  "index_update_count": {str(k): int(v) for k, v in opt._index_update_count.items()}}}
-            return files, state
+    def restore(self, checkpoint_dir: os.PathLike, config: Dict[str, Any]) -> Dict[str, Any]:
+        """Restore last iterate, momentum and history from the latest snapshot on every rank (collective).
 
-        return make
-
-    def restore(self, checkpoint_dir: os.PathLike) -> Dict[str, Any]:
-        """Restore last iterate, momentum and history from the latest snapshot on every rank (collective)."""
+        Rank 0 reads and checks the files; the JSON state and the arrays are then broadcast. Raises
+        ``ValueError`` (``CheckpointError`` on rank 0) on every rank if the snapshot cannot be used.
+        """
         arrays: Dict[str, Any] = {}
 
         def read() -> Dict[str, Any]:
-            snap, state = read_snapshot(checkpoint_dir)
-            if "training" not in state.get("extra", {}):
-                raise ValueError(f"checkpoint {checkpoint_dir} holds no training state (written by another tool?)")
-            arrays["params"] = mx.nd.load(str(snap / TRAINING_FILE))
-            arrays["momentum"] = mx.nd.load(str(snap / OPTIMIZER_FILE))
-            return state["extra"]["training"]
+            snap, state = read_snapshot(checkpoint_dir)  # verifies the SHA-256 of every file
+            training = state.get("extra", {}).get("training")
+            if not isinstance(training, dict) or TRAINING_FILE not in state.get("files", {}):
+                raise CheckpointError(f"checkpoint {checkpoint_dir} holds no training state (last iterate, optimizer) "
+                                      "to resume from; was it written by another program?")
+            for key, fname in (("params", TRAINING_FILE), ("momentum", OPTIMIZER_FILE)):
+                try:
+                    arrays[key] = mx.nd.load(str(snap / fname))
+                except mx.base.MXNetError as exc:
+                    raise CheckpointError(f"{snap / fname} is not a readable MXNet parameter file") from exc
+            return dict(training, world_size=state.get("world_size"))
 
         training = collectives.broadcast_json(self.comm, collectives.run_on_root(self.comm, read, "reading training state"))
         momentum = self._momentum(create=True)
         targets = list(self._arrays) + [m for m in momentum if m is not None]
 
         def check_and_copy() -> None:
-            loaded = [arrays["params"].get(self._structural[id(p)]) for p in self._all_params]
+            names = [self._structural[id(p)] for p in self._all_params]
+            loaded = [arrays["params"].get(n) for n in names]
+            names += [f"m{i}" for i, m in enumerate(momentum) if m is not None]
             loaded += [arrays["momentum"].get(f"m{i}") for i, m in enumerate(momentum) if m is not None]
+            for name, dst, src in zip(names, targets, loaded):
+                if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                    found = "missing" if src is None else f"{np.dtype(src.dtype).name}{tuple(src.shape)}"
+                    raise CheckpointError(f"checkpoint {checkpoint_dir}: training state does not match this model "
+                                          f"({name!r}: checkpoint has {found}, the model has "
+                                          f"{np.dtype(dst.dtype).name}{tuple(dst.shape)})")
             for dst, src in zip(targets, loaded):
-                if src is None or src.shape != dst.shape:
-                    raise ValueError(f"checkpoint {checkpoint_dir}: training state does not match this model")
                 src.copyto(dst)
 
         collectives.run_on_root(self.comm, check_and_copy, "restoring training state")
@@ -168,6 +216,16 @@ class Fitter:
         opt = self.trainer._optimizer
         opt.num_update = int(training["num_update"])
         opt._index_update_count = {int(k): v for k, v in training["index_update_count"].items()}
+        if self.comm.rank == 0:
+            saved = training.get("config", {})
+            for key, now in config.items():
+                if key in saved and saved[key] != now:
+                    logger.warning("iteravg: resuming with %s=%r, the checkpoint was written with %r; the run will "
+                                   "not repeat the uninterrupted one", key, now, saved[key])
+            if training.get("world_size") not in (None, self.comm.size):
+                logger.warning("iteravg: the checkpoint was written by %s rank(s), resuming on %d: the data shards "
+                               "differ, so the continuation is valid but not bitwise identical to an uninterrupted "
+                               "%s-rank run", training["world_size"], self.comm.size, training["world_size"])
         return training
 
     # -- one step --------------------------------------------------------------------------------
@@ -184,6 +242,44 @@ class Fitter:
             collectives.allreduce_mean_arrays(self.comm, self._grad_views, self._grads)
         self.trainer.step(len(yb))
         return float(loss.sum().asscalar())
+
+
+class _Extras:
+    """``ModelIterationAveraging.checkpoint_extras`` for ``fit``: (files, JSON state) added to each snapshot.
+
+    After ``on_train_end`` the network holds the averaged weights; the snapshot written then must still record
+    the last iterate, which the strategy has cached (``last_iterate_cached_by``, set by ``finish_training``).
+    """
+
+    def __init__(self, fitter: Fitter, result: FitResult, config: Dict[str, Any]) -> None:
+        self.fitter, self.result, self.config = fitter, result, config
+        self.last_iterate_cached_by: Any = None
+
+    def __call__(self) -> tuple:
+        f = self.fitter
+        mx.nd.waitall()
+        params = {f._structural[id(p)]: p.data() for p in f._all_params}
+        strategy = self.last_iterate_cached_by
+        if strategy is not None and strategy.cached_model is not None:
+            params = {strategy.binding.structural[k]: v for k, v in strategy.cached_model.items()}
+        momentum = {f"m{i}": s for i, s in enumerate(f._momentum(create=True)) if s is not None}
+        files = {TRAINING_FILE: lambda path: mx.nd.save(str(path), params),
+                 OPTIMIZER_FILE: lambda path: mx.nd.save(str(path), momentum)}
+        opt = f.trainer._optimizer
+        state = {"training": {"epochs_done": self.result.epochs_done, "history": list(self.result.history),
+                              "num_update": int(opt.num_update), "learning_rate": float(opt.learning_rate),
+                              "index_update_count": {str(k): int(v) for k, v in opt._index_update_count.items()},
+                              "config": dict(self.config)}}
+        return files, state
+
+
+def _ensure_initialized(net: gluon.Block, x: np.ndarray) -> None:
+    """Run one forward pass if parameters are still deferred (shapes unknown), as GluonTS's first forward."""
+    try:
+        for p in net.collect_params().values():
+            p.data()
+    except gluon.parameter.DeferredInitializationError:
+        net(mx.nd.array(x[:1]))
 
 
 def fit(
@@ -210,17 +306,21 @@ def fit(
     """
     from ..mx.callback import ModelIterationAveraging  # noqa: WPS433
 
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    stop_after = stop_after_epoch()
+    _ensure_initialized(net, train[0])
     fitter = Fitter(net, loss_fn, comm, learning_rate=learning_rate, momentum=momentum, seed=seed)
     fitter.broadcast_parameters()
     result = FitResult()
+    config = {"learning_rate": learning_rate, "momentum": momentum, "batch_size": batch_size, "seed": seed}
     for cb in callbacks:
         if isinstance(cb, ModelIterationAveraging):
-            cb.checkpoint_extras = fitter.extras(result.history, lambda: result.epochs_done)
+            cb.checkpoint_extras = fitter.extras(result, config)
     if resume_from is not None:
-        training = fitter.restore(resume_from)
+        training = fitter.restore(resume_from, config)
         result.history.extend(training["history"])
         result.epochs_done = result.resumed_from = int(training["epochs_done"])
-    stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
 
     def call(hook: str, **kwargs: Any) -> List[Any]:
         return [getattr(cb, hook)(**kwargs) for cb in callbacks]
@@ -229,18 +329,22 @@ def fit(
     call("on_network_initializing_end", training_network=net)
     best: Dict[str, Any] = {"params_path": None, "epoch_no": -1, "score": np.inf}
     for epoch in range(result.epochs_done, epochs):
-        mx.random.seed(seed * 100003 + epoch)
+        _seed_epoch(seed, epoch)
         call("on_train_epoch_start", training_network=net)
         batches = _shard(len(train[1]), comm.rank, comm.size, batch_size, seed, epoch)
-        total = 0.0
+        total, done, halt = 0.0, 0, False
         for idx in batches:
             total += fitter.step(train[0][idx], train[1][idx])
-            call("on_train_batch_end", training_network=net)
-        train_loss = collectives.mean_of_ranks(comm, [total / (len(batches) * batch_size)])[0]
+            done += 1
+            if not all(call("on_train_batch_end", training_network=net)) and not halt:
+                halt = True
+                if comm.size == 1:
+                    break  # GluonTS stops at once; several ranks finish the epoch's batches (see module doc)
+        train_loss, halted = collectives.mean_of_ranks(comm, [total / (done * batch_size), 1.0 if halt else 0.0])
         go_on = all(call("on_train_epoch_end", epoch_no=epoch, epoch_loss=train_loss, training_network=net,
                          trainer=fitter.trainer))
         epoch_loss = train_loss
-        row = {"epoch": epoch + 1, "train_loss": train_loss}
+        row: Dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss}
         if val is not None:
             call("on_validation_epoch_start", training_network=net)
             try:
@@ -248,6 +352,7 @@ def fit(
             except BaseException:
                 _restore_training_weights(callbacks, net)  # never leave averaged weights in the training network
                 raise
+            row["val_on_average"] = _holds_average(callbacks)
             total_sum, total_count = collectives.mean_of_ranks(comm, [s, c])
             epoch_loss = total_sum / total_count
             row["val_loss"] = epoch_loss
@@ -257,22 +362,37 @@ def fit(
             best = {"params_path": None, "epoch_no": epoch, "score": epoch_loss}
         result.history.append(row)
         result.epochs_done = epoch + 1
-        go_on = go_on and all(call("on_epoch_end", epoch_no=epoch, epoch_loss=epoch_loss, training_network=net,
-                                   trainer=fitter.trainer, best_epoch_info=best, ctx=mx.cpu()))
+        go_on = _all_ranks_agree(comm, go_on)  # on_epoch_end holds collectives: all ranks call it or none
+        if go_on:
+            go_on = _all_ranks_agree(comm, all(call("on_epoch_end", epoch_no=epoch, epoch_loss=epoch_loss,
+                                                    training_network=net, trainer=fitter.trainer,
+                                                    best_epoch_info=best, ctx=mx.cpu())))
         if on_epoch is not None:
             on_epoch(row)
-        if stop_after and epoch + 1 >= stop_after:
+        if stop_after and epoch + 1 == stop_after:
             raise StoppedEarly(f"stopped after epoch {epoch + 1} ({STOP_ENV}={stop_after})")
-        if not go_on:
+        if not go_on or halted > 0:
+            result.stopped_by_callback = True
             logger.info("a callback stopped training after epoch %d", epoch + 1)
             break
     return result
 
 
 def finish_training(net: gluon.Block, callbacks: Sequence[Any], temporary_dir: Optional[str] = None) -> None:
-    """GluonTS's last hook: ``on_train_end`` (iteravg's loads the averaged model into ``net``)."""
+    """GluonTS's last hook: ``on_train_end`` (iteravg's loads the averaged model into ``net``).
+
+    Call it on every rank after ``fit``; then ``collectives.finish(comm)`` before the process may exit.
+    """
     for cb in callbacks:
+        extras = getattr(cb, "checkpoint_extras", None)
+        if isinstance(extras, _Extras):  # a snapshot written by on_train_end must record the last iterate
+            extras.last_iterate_cached_by = cb.avg_strategy
         cb.on_train_end(training_network=net, temporary_dir=temporary_dir, ctx=mx.cpu())
+
+
+def _holds_average(callbacks: Sequence[Any]) -> bool:
+    """Whether validation ran on averaged weights (an iteravg strategy with an average swapped them in)."""
+    return any(getattr(getattr(cb, "avg_strategy", None), "averaged_model", None) is not None for cb in callbacks)
 
 
 def _restore_training_weights(callbacks: Sequence[Any], net: gluon.Block) -> None:
