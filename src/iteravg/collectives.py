@@ -39,6 +39,7 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar
 import numpy as np
 
 from .comm import Communicator
+from .core._kernel import KERNELS, scale_and_word_sums
 from .core.averaged import AveragedState, Layout
 
 __all__ = [
@@ -212,13 +213,16 @@ def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: s
         return counter
     if mode not in ("mean", "broadcast"):
         raise ValueError(f"sync must be 'mean' or 'broadcast', got {mode!r}")
+    sums: List[Optional[tuple]] = []
     for g in range(len(state.layout.groups)):
         if mode == "mean":
-            _allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0)
+            sums.append(_allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0))
         else:
             comm.broadcast_(state.sync_view(g), root=0, name=f"iteravg.avg.{g}", native=state.native(g))
-    _maybe_inject_divergence(comm, state)
-    same, counter_max = _identical(comm, state, counter)
+            sums.append(None)
+    if _maybe_inject_divergence(comm, state):
+        sums = [None] * len(sums)
+    same, counter_max = _identical(comm, state, counter, sums)
     if not same:
         logger.warning("iteravg: averaged models differed across ranks after the allreduce; repaired by a "
                        "broadcast from rank 0")
@@ -232,24 +236,33 @@ def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: s
     return counter_max
 
 
-def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g: int, has_data: bool) -> None:
+def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g: int,
+                                    has_data: bool) -> Optional[tuple]:
     """Allreduce-mean of one dtype group, counting only ranks that hold an average.
 
     A rank whose every iterate so far was refused (NaN/inf) holds nothing; averaging its empty buffer in
     would pull the mean towards zero. Each rank puts 1 (has data) or 0 in the buffer's trailing slot and
-    zeroes an empty buffer; after the allreduce the slot holds the share of contributing ranks, and only if it
-    is below 1 is the mean rescaled. The normal case costs nothing beyond the allreduce itself.
+    zeroes an empty buffer, so after a *sum* allreduce the slot counts the contributors.
+
+    float32 with the C kernel: the division by the contributor count and the fingerprint that checks the
+    ranks agree are done in one pass (returns that pass's word sums for ``fingerprint``). Otherwise: an
+    allreduce-mean, a rescale only if some rank had nothing, and ``None``.
     """
     buf = state.sync_view(g)
     if has_data:
         buf[-1] = 1
     else:
         buf[:] = 0
+    data = state.current(g)
+    if data.dtype == np.float32 and KERNELS is not None:
+        comm.allreduce_(buf, op="sum", name=f"iteravg.avg.{g}", native=state.native(g))
+        contributors = int(round(float(buf[-1])))
+        return scale_and_word_sums(data, 1.0 / contributors if contributors else 0.0)
     comm.allreduce_(buf, op="mean", name=f"iteravg.avg.{g}", native=state.native(g))
     contributors = int(round(float(buf[-1]) * comm.size))
     if 0 < contributors < comm.size:
-        data = state.current(g)
         np.multiply(data, data.dtype.type(comm.size / contributors), out=data)
+    return None
 
 
 def broadcast_average(comm: Communicator, state: AveragedState, name: str = "iteravg.avg") -> None:
@@ -260,10 +273,11 @@ def broadcast_average(comm: Communicator, state: AveragedState, name: str = "ite
         comm.broadcast_(state.sync_view(g), root=0, name=f"{name}.{g}", native=state.native(g))
 
 
-def _identical(comm: Communicator, state: AveragedState, counter: int) -> tuple:
+def _identical(comm: Communicator, state: AveragedState, counter: int,
+               sums: Optional[List[Optional[tuple]]] = None) -> tuple:
     """One small allreduce-max of (fingerprint, -fingerprint, counter): all ranks hold the same bits iff
     max(fp) == -max(-fp) == min(fp). Cheaper than an allgather in Horovod (no size negotiation)."""
-    fp = state.fingerprint()
+    fp = state.fingerprint(sums)
     with np.errstate(over="ignore"):
         row = np.concatenate([fp, -fp, np.array([counter], dtype=np.int64)])
     comm.allreduce_(row, op="max", name="iteravg.fingerprint")
@@ -272,12 +286,15 @@ def _identical(comm: Communicator, state: AveragedState, counter: int) -> tuple:
     return same, int(row[4])
 
 
-def _maybe_inject_divergence(comm: Communicator, state: AveragedState) -> None:
-    """Testing switch ``ITERAVG_FAULT=diverge-after-allreduce:R``: flip the lowest bit of rank R's first element."""
+def _maybe_inject_divergence(comm: Communicator, state: AveragedState) -> bool:
+    """Testing switch ``ITERAVG_FAULT=diverge-after-allreduce:R``: flip the lowest bit of rank R's first element.
+    Returns True if it did (precomputed fingerprints are then stale)."""
     fault = os.environ.get("ITERAVG_FAULT", "")
     if fault.startswith("diverge-after-allreduce:") and comm.rank == int(fault.split(":", 1)[1]):
         buf = state.current(0)
         buf[:1].view(np.uint8)[0] ^= 1
+        return True
+    return False
 
 
 def any_rank(comm: Communicator, flag: bool) -> bool:

@@ -57,3 +57,28 @@ void iteravg_fingerprint(const uint64_t *words, int64_t n, uint64_t *out) {
   out[0] = s[0] + s[1] + s[2] + s[3];
   out[1] = x[0] ^ x[1] ^ x[2] ^ x[3];
 }
+
+/* x *= scale (float32, in place) and, in the same pass, the wrapping sum and xor of the scaled buffer's
+ * 8-byte words (pairs of floats; an odd last float is left to the caller). Used right after an allreduce-sum:
+ * the mean's scaling and the fingerprint that checks ranks agree then cost one pass instead of two. */
+void iteravg_scale_fingerprint_f32(float *x, int64_t n, float scale, uint64_t *out) {
+  uint64_t s0 = 0, s1 = 0, x0 = 0, x1 = 0;
+  int64_t j = 0;
+  for (; j + 3 < n; j += 4) {
+    float v[4] = {x[j] * scale, x[j + 1] * scale, x[j + 2] * scale, x[j + 3] * scale};
+    memcpy(x + j, v, sizeof v);
+    uint64_t w[2];
+    memcpy(w, v, sizeof w);
+    s0 += w[0]; s1 += w[1]; x0 ^= w[0]; x1 ^= w[1];
+  }
+  for (; j + 1 < n; j += 2) {
+    float v[2] = {x[j] * scale, x[j + 1] * scale};
+    memcpy(x + j, v, sizeof v);
+    uint64_t w;
+    memcpy(&w, v, sizeof w);
+    s0 += w; x0 ^= w;
+  }
+  if (j < n) x[j] *= scale;
+  out[0] = s0 + s1;
+  out[1] = x0 ^ x1;
+}

@@ -37,11 +37,24 @@ def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
             fp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
             fp.restype = None
             funcs["fingerprint"] = fp
+            sf = lib.iteravg_scale_fingerprint_f32
+            sf.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
+            sf.restype = None
+            funcs["scale_fingerprint_f32"] = sf
             return funcs
     return None
 
 
 KERNELS = _load()
+
+
+def scale_and_word_sums(buf: np.ndarray, scale: float) -> Optional[tuple]:
+    """``buf *= scale`` (float32, in place) and ``word_sums`` of the result, in one C pass; None without the kernel."""
+    if KERNELS is None or buf.dtype != np.float32 or not buf.flags.c_contiguous:
+        return None
+    out = np.zeros(2, dtype=np.uint64)
+    KERNELS["scale_fingerprint_f32"](buf.ctypes.data, buf.size, scale, out.ctypes.data)
+    return out[0], out[1]
 
 
 def word_sums(words: np.ndarray) -> tuple:

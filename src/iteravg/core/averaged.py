@@ -254,23 +254,25 @@ class AveragedState:
         for g, arr in enumerate(group_arrays):
             np.copyto(self.current(g), arr, casting="no")
 
-    def fingerprint(self) -> np.ndarray:
+    def fingerprint(self, word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
         """Cheap 128-bit content fingerprint (see ``fingerprint``) of the current average, as two int64."""
-        return fingerprint([self.current(g) for g in range(len(self.layout.groups))])
+        return fingerprint([self.current(g) for g in range(len(self.layout.groups))], word_sums_of)
 
 
-def fingerprint(arrays: Sequence[np.ndarray]) -> np.ndarray:
+def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
     """Two 64-bit words per call: the wrapping sum and the xor of the buffers' 8-byte words.
 
     Memory-bandwidth cheap (one pass, no hashing), used to check that ranks hold bitwise-identical averages.
     It is not a cryptographic hash: checkpoint files are additionally protected by SHA-256.
+    ``word_sums_of[i]``, if given, is array i's (sum, xor) already computed by a pass that read it anyway.
     """
     total = np.uint64(0)
     xor = np.uint64(0)
     for i, arr in enumerate(arrays):
         raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         n8 = raw.size // 8 * 8
-        s, x = word_sums(raw[:n8].view(np.uint64))
+        known = word_sums_of[i] if word_sums_of is not None else None
+        s, x = known if known is not None else word_sums(raw[:n8].view(np.uint64))
         tail = np.uint64(int.from_bytes(raw[n8:].tobytes(), "little"))
         with np.errstate(over="ignore"):
             total = np.uint64(total + s + tail + np.uint64(i + 1) * np.uint64(raw.size))
