@@ -16,7 +16,8 @@ name                        what                                                
 ``iteravg.layout``          allgather of a layout digest (+ broadcast on mismatch)  first bind of a model
 ``iteravg.metric``          allgather of the epoch metric                           NTA decision epochs only
 ``iteravg.dirty``           allreduce-max of "folded since the last sync"          before hook-level syncs
-``iteravg.avg.<g>``         allreduce-mean (or broadcast) of dtype group g's buffer state sync (epoch end, ...)
+``iteravg.avg.<g>``         allreduce-sum (float32) / -mean, or broadcast, of      every state sync
+                            dtype group g's flat buffer
 ``iteravg.fingerprint``     allreduce-max of (fingerprint, -fingerprint, counter)   after every state sync
 ``iteravg.repair.<g>``      broadcast from rank 0                                   only if fingerprints differ
 ``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads

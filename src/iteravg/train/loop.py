@@ -98,9 +98,7 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 def _all_ranks_agree(comm: Communicator, go_on: bool) -> bool:
     """True iff every rank says go on (collective with several ranks, identical result on all)."""
-    if comm.size == 1:
-        return go_on
-    return collectives.mean_of_ranks(comm, [0.0 if go_on else 1.0])[0] == 0.0
+    return not collectives.any_rank(comm, not go_on)
 
 
 def _shard(n: int, rank: int, size: int, batch_size: int, seed: int, epoch: int) -> List[np.ndarray]:
