@@ -31,7 +31,7 @@ fi
 
 # 2. The virtual environment.
 if [ "$venv" = system ]; then
-  py=python3
+  py=$(command -v python3)  # resolved now: the Horovod step puts /usr/bin first on PATH
   stamp_dir=/var/lib/iteravg-stamps
 else
   if [ ! -x "$venv/bin/python" ]; then
