@@ -29,29 +29,14 @@
 #   HOROVODRUN_ARGS="..."    extra horovodrun options, e.g. "--timeline-filename /tmp/tl.json"
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 usage="usage: $0 NP [iteravg train args...] | $0 NP --bench-sync"
-np=${1:-}
-if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
-  echo "$usage" >&2
-  exit 2
-fi
+launch_setup "$usage" horovodrun "${1:-}"
 shift
-
-[ -d "$here/.venv/bin" ] && export PATH="$here/.venv/bin:$PATH"
-if ! command -v horovodrun >/dev/null 2>&1; then
-  echo "$0: horovodrun not found; run 'make setup' (or scripts/install.sh) first" >&2
-  exit 127
-fi
-
-if [ "$(id -u)" -eq 0 ]; then
-  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-fi
-cores=$(nproc 2>/dev/null || echo 1)
-if [ "$np" -gt "$cores" ]; then
+if [ "$np" -gt "$(nproc 2>/dev/null || echo 1)" ]; then
   export OMPI_MCA_rmaps_base_oversubscribe=${OMPI_MCA_rmaps_base_oversubscribe:-1}
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 args=(-np "$np" -H "localhost:$np")
 [ "${GLOO:-0}" = 1 ] && args+=(--gloo --network-interface lo)

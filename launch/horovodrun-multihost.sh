@@ -28,25 +28,16 @@
 # horovodrun forwards the launching shell's environment (PATH, OMP_NUM_THREADS, ITERAVG_*) to every rank.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 usage="usage: HOSTS=host1:N,host2:N $0 NP [iteravg train args...]"
-np=${1:-}
-if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
-  echo "$usage" >&2
-  exit 2
-fi
+launch_setup "$usage" horovodrun "${1:-}"
 shift
 if [ -z "${HOSTS:-}" ]; then
   echo "$0: set HOSTS=host1:slots,host2:slots" >&2
   echo "$usage" >&2
   exit 2
 fi
-
-[ -d "$here/.venv/bin" ] && export PATH="$here/.venv/bin:$PATH"
-if [ "$(id -u)" -eq 0 ]; then
-  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 args=(-np "$np" -H "$HOSTS")
 [ -n "${NETWORK_INTERFACE:-}" ] && args+=(--network-interface "$NETWORK_INTERFACE")

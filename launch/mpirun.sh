@@ -25,24 +25,11 @@
 # Optional: HOSTFILE=path (Open MPI hostfile), MPIRUN_ARGS="..." (extra mpirun options).
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 usage="usage: $0 NP [iteravg train args...]"
-np=${1:-}
-if ! [[ "$np" =~ ^[1-9][0-9]*$ ]]; then
-  echo "$usage" >&2
-  exit 2
-fi
+launch_setup "$usage" mpirun "${1:-}"
 shift
-
-[ -d "$here/.venv/bin" ] && export PATH="$here/.venv/bin:$PATH"
-if ! command -v mpirun >/dev/null 2>&1; then
-  echo "$0: mpirun not found; run 'make setup' (or scripts/install.sh) first" >&2
-  exit 127
-fi
-if [ "$(id -u)" -eq 0 ]; then
-  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 args=(-np "$np" --bind-to none --map-by slot -x PATH -x OMP_NUM_THREADS)
 for var in LD_LIBRARY_PATH VIRTUAL_ENV PYTHONPATH ITERAVG_COMM ITERAVG_NO_KERNEL ITERAVG_FAULT ITERAVG_STOP_AFTER_EPOCH; do
