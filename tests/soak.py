@@ -23,7 +23,7 @@ def soak(runs: int = 3, epochs: int = 30, np_: int = 3) -> list:
     with tempfile.TemporaryDirectory(prefix="iteravg-soak-") as tmp:
         for i in range(runs):
             t = time.time()
-            cmd = horovodrun(np_, ["-m", "iteravg.cli", "train", "--epochs", str(epochs), "--no-progress",
+            cmd = horovodrun(np_, ["-m", "iteravg", "train", "--epochs", str(epochs), "--no-progress",
                                    "--out", str(Path(tmp) / f"run{i}")], gloo=True)
             proc = run(cmd, timeout=600, check=False)
             results.append((proc.returncode, time.time() - t))

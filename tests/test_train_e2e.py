@@ -19,7 +19,7 @@ FAST = ["--epochs", "8", "--nta-n", "1", "--batch-size", "16", "--no-progress"]
 
 
 def cli(*args: str) -> list:
-    return [sys.executable, "-m", "iteravg.cli", *args]
+    return [sys.executable, "-m", "iteravg", *args]
 
 
 def single(out: Path, *extra: str, check: bool = True, env=None):
@@ -27,7 +27,7 @@ def single(out: Path, *extra: str, check: bool = True, env=None):
 
 
 def distributed(np_: int, out: Path, *extra: str, check: bool = True, env=None, gloo: bool = False):
-    return run(horovodrun(np_, ["-m", "iteravg.cli", "train", "--out", str(out), *FAST, *extra], gloo=gloo),
+    return run(horovodrun(np_, ["-m", "iteravg", "train", "--out", str(out), *FAST, *extra], gloo=gloo),
                timeout=240, check=check, env=env)
 
 
@@ -35,7 +35,7 @@ def check_run(out: Path, world_size: int) -> dict:
     import mxnet as mx
     from mxnet.gluon import nn  # noqa: F401
 
-    from iteravg.cli import _make_net
+    from iteravg.mx.cli import _make_net
 
     rep = json.loads((out / "report.json").read_text())
     assert rep["world_size"] == world_size and rep["epochs_done"] == 8
@@ -45,7 +45,7 @@ def check_run(out: Path, world_size: int) -> dict:
     assert rep["trigger_epoch"] == state["strategy"]["trigger_epoch"] is not None
     assert {"last iterate", "averaged"} <= set(rep["metrics"])
     # The checkpoint loads into the model and evaluates to the reported averaged test MSE.
-    from iteravg.data import load
+    from iteravg.mx.data import load
 
     ds = load()
     net = _make_net(ds.num_features, 64, seed=123)
@@ -188,10 +188,10 @@ class Stopper(_callback_base()):
 
 def test_a_false_batch_hook_stops_at_once_on_one_process():
     import iteravg.mx as im
-    from iteravg.cli import _make_net
+    from iteravg.mx.cli import _make_net
     from iteravg.comm import get_comm
-    from iteravg.data import load
-    from iteravg.train import fit
+    from iteravg.mx.data import load
+    from iteravg.mx.train import fit
 
     ds = load()
     stopper = Stopper("on_train_batch_end", epoch=1, batch=3)
@@ -207,10 +207,10 @@ def test_a_false_epoch_hook_skips_on_epoch_end_and_train_end_snapshot_keeps_the_
     import mxnet as mx
 
     import iteravg.mx as im
-    from iteravg.cli import _make_net
+    from iteravg.mx.cli import _make_net
     from iteravg.comm import get_comm
-    from iteravg.data import load
-    from iteravg.train import finish_training, fit
+    from iteravg.mx.data import load
+    from iteravg.mx.train import finish_training, fit
 
     ds = load()
     net = _make_net(ds.num_features, 8, 0)
@@ -239,9 +239,9 @@ sys.path.insert(0, {tests!r})
 import mxnet as mx
 import iteravg.mx as im
 from iteravg import collectives
-from iteravg.cli import _make_net
-from iteravg.data import load
-from iteravg.train import finish_training, fit
+from iteravg.mx.cli import _make_net
+from iteravg.mx.data import load
+from iteravg.mx.train import finish_training, fit
 from test_train_e2e import Stopper
 
 strategy = im.Alpha_Suffix(epochs=6, alpha=1.0, comm="horovod")

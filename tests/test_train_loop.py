@@ -8,10 +8,10 @@ import pytest
 from mxnet import gluon
 
 import iteravg.mx as im
-from iteravg.cli import _make_net
+from iteravg.mx.cli import _make_net
 from iteravg.comm import get_comm
-from iteravg.data import load
-from iteravg.train import fit
+from iteravg.mx.data import load
+from iteravg.mx.train import fit
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -128,11 +128,12 @@ def train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import mxnet as mx
 
     import iteravg.mx as im
-    from iteravg import __version__, collectives, data, report
+    from iteravg import __version__, collectives
+    from iteravg.mx import data, report
     from iteravg.checkpoint import latest_epoch, resolve_snapshot
     from iteravg.mx.checkpoint import fingerprint_hex
-    from iteravg.train import StoppedEarly, evaluate, finish_training, fit
-    from iteravg.train.loop import stop_after_epoch
+    from iteravg.mx.train import StoppedEarly, evaluate, finish_training, fit
+    from iteravg.mx.train.loop import stop_after_epoch
 
     try:
         strategy = _strategy(args)

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .checkpoint import atomic_write
+from ..checkpoint import atomic_write
 
 
 def table(metrics: Dict[str, Dict[str, float]]) -> str:

@@ -51,10 +51,10 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from .. import collectives
-from ..checkpoint import CheckpointError, read_snapshot
-from ..comm import Communicator
-from ..mx._ndarray import numpy_view
+from ... import collectives
+from ...checkpoint import CheckpointError, read_snapshot
+from ...comm import Communicator
+from .._ndarray import numpy_view
 
 logger = logging.getLogger("iteravg")
 
@@ -302,7 +302,7 @@ def fit(
     loop's training state added to its snapshots; with ``resume_from`` the loop restores it (and the
     callback, constructed with ``resume=True``, restores the averaging state).
     """
-    from ..mx.callback import ModelIterationAveraging  # noqa: WPS433
+    from ..callback import ModelIterationAveraging  # noqa: WPS433
 
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
