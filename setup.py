@@ -12,6 +12,12 @@ setup(
             ["src/iteravg/core/_foldkernel.c"],
             extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-fno-strict-aliasing"],
             optional=True,
-        )
+        ),
+        Extension(  # oneDNN: all parameters back to the default layout in one call (see the file's header)
+            "iteravg.mx._ndkernel",
+            ["src/iteravg/mx/_ndkernel.c"],
+            extra_compile_args=["-O2", "-std=c99"],
+            optional=True,
+        ),
     ]
 )

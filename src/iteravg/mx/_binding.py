@@ -4,6 +4,17 @@ A ``ModelBinding`` is built once (it calls ``collect_params()`` once, not per st
 holds the parameter arrays, their zero-copy numpy views and the bucket plan that gathers them. Parameters
 include auxiliary states (BatchNorm running mean/var), exactly like GluonTS's ``collect_params()`` dicts.
 
+Names: ``param_names`` are the ``collect_params()`` keys (``hybridsequential0_dense1_weight``), which GluonTS
+uses to key ``averaged_model``; they carry Gluon's process-wide block counter. The ``layout`` -- what ranks
+compare, what checkpoints store and resume checks -- uses *structural* names instead (``0.weight``,
+``encoder.rnn.l0_i2h_weight``, the keys of ``save_parameters``), so the same architecture is the same model
+whatever was built before it in the process. A shared parameter appears once, under its first structural name.
+
+oneDNN: MXNet's default CPU build reorders Conv / FullyConnected weights in place into a blocked layout during
+an inference-mode forward. Every access (``plan``, ``read``, ``write``) therefore first puts all parameters
+back into the default layout in one C call (``_ndarray.DefaultLayout``) and rebuilds the views if a buffer
+moved, so a cached view never reads or writes permuted bytes.
+
 Fast path: every parameter lives in one dense CPU array and is not updated on a kvstore -- the views are
 the parameters' own memory. Otherwise (GPU, several contexts, update_on_kvstore) the binding falls back to
 copies (``asnumpy`` / ``set_data``), slower but correct.
@@ -18,33 +29,69 @@ import numpy as np
 from mxnet import gluon
 
 from ..core.averaged import FoldPlan, Layout, TensorSpec
-from ._ndarray import can_view, numpy_view
+from ._ndarray import DefaultLayout, can_view, mxnet_scalar, numpy_view
+
+__all__ = ["ModelBinding", "structural_names"]
+
+
+def structural_names(net: gluon.Block) -> Dict[str, str]:
+    """``collect_params()`` key -> structural name (``save_parameters``'s key), first one for shared parameters.
+
+    A parameter that is not reachable through the block tree's attributes (created with ``self.params.get``
+    but never assigned) keeps its ``collect_params()`` name with the network's own prefix removed.
+    """
+    first: Dict[int, str] = {}
+    for key, param in net._collect_params_with_prefix().items():  # Gluon's API behind save_parameters
+        first.setdefault(id(param), key)
+    prefix = net.prefix
+    out: Dict[str, str] = {}
+    for name, param in net.collect_params().items():
+        fallback = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        out[name] = first.get(id(param), fallback)
+    return out
 
 
 class ModelBinding:
+    """One network's parameters as the averaged state sees them (see the module docstring).
+
+    ``layout`` names are structural; ``param_names[i]`` is the ``collect_params()`` key of ``layout.specs[i]``.
+    """
+
     def __init__(self, net: gluon.Block) -> None:
         params = net.collect_params()
         self.net = net
-        self.names: List[str] = list(params.keys())
+        self.param_names: List[str] = list(params.keys())
         self.params: List[gluon.Parameter] = list(params.values())
         self.arrays: List[mx.nd.NDArray] = []
-        for name, p in zip(self.names, self.params):
+        for name, p in zip(self.param_names, self.params):
             try:
                 self.arrays.append(p.list_data()[0])
             except RuntimeError as exc:
                 raise ValueError(
                     f"parameter {name!r} is not initialized; averaging starts after the network ran forward once"
                 ) from exc
+        by_param = structural_names(net)
+        self.structural_names: List[str] = [by_param[n] for n in self.param_names]
+        if len(set(self.structural_names)) != len(self.structural_names):
+            # Two distinct parameters on one structural path cannot happen in a block tree; fall back to the
+            # collect_params() names rather than refuse a model we cannot name structurally.
+            self.structural_names = list(self.param_names)
         self.layout = Layout(
-            tuple(TensorSpec(n, tuple(a.shape), np.dtype(a.dtype).name) for n, a in zip(self.names, self.arrays))
+            tuple(TensorSpec(s, tuple(a.shape), np.dtype(a.dtype).name)
+                  for s, a in zip(self.structural_names, self.arrays))
         )
+        #: Any name (``collect_params()`` key or structural) -> structural name; used by checkpoint files.
+        self.structural: Dict[str, str] = dict(zip(self.param_names, self.structural_names))
+        self.structural.update({s: s for s in self.structural_names})
         self.fast = all(self._viewable(p, a) for p, a in zip(self.params, self.arrays))
         self._handles = self._current_handles()
-        self._views: Optional[List[np.ndarray]] = None
+        self._default: Optional[DefaultLayout] = None
         self._plan: Optional[FoldPlan] = None
-        # Structural names ("0.weight") as used by save_parameters / load_parameters.
-        by_id = {id(p): s for s, p in net._collect_params_with_prefix().items()}
-        self.structural: Dict[str, str] = {n: by_id.get(id(p), n) for n, p in zip(self.names, self.params)}
+
+    @property
+    def names(self) -> List[str]:
+        """The ``collect_params()`` keys in layout order (older name of ``param_names``)."""
+        return self.param_names
 
     @staticmethod
     def _viewable(p: gluon.Parameter, arr: mx.nd.NDArray) -> bool:
@@ -61,18 +108,35 @@ class ModelBinding:
     def matches(self, net: gluon.Block) -> bool:
         """O(tensors): the same block with the same parameter arrays (not re-initialized)."""
         return net is self.net and self._current_handles() == self._handles and \
-            list(net.collect_params().keys()) == self.names
+            list(net.collect_params().keys()) == self.param_names
+
+    @staticmethod
+    def fold_weight(alpha: float) -> float:
+        """The weight GluonTS's ``alpha * (x - avg)`` really uses in MXNet (see ``_ndarray.mxnet_scalar``).
+
+        Folding with it makes float64 averages bitwise GluonTS's; float32/float16 are unaffected in practice.
+        """
+        return mxnet_scalar(alpha)
 
     # -- reading the iterate ---------------------------------------------------------------------
     def plan(self) -> FoldPlan:
-        """Bucket plan over the parameters' current values. Fast path: cached, zero-copy."""
-        mx.nd.waitall()  # MXNet must be done writing the parameters before numpy reads them
-        if self.fast:
-            if self._plan is None:
-                self._views = [numpy_view(a) for a in self.arrays]
-                self._plan = FoldPlan(self.layout, self._views)
-            return self._plan
-        return FoldPlan(self.layout, [a.asnumpy() for a in self.arrays])
+        """Bucket plan over the parameters' current values, valid to read and write until MXNet runs again.
+
+        Fast path: zero-copy views, built once; each call waits for MXNet's engine and puts every parameter
+        back into the default layout (one C call), rebuilding the views only if a buffer moved.
+        """
+        mx.nd.waitall()  # MXNet must be done writing (or reordering) the parameters before numpy touches them
+        if not self.fast:
+            return FoldPlan(self.layout, [a.asnumpy() for a in self.arrays])
+        if self._default is None:
+            self._default = DefaultLayout(self.arrays)
+            self._plan = None
+        elif self._default.refresh():
+            self._default.adopt()
+            self._plan = None
+        if self._plan is None:
+            self._plan = FoldPlan(self.layout, [numpy_view(a) for a in self.arrays])
+        return self._plan
 
     # -- writing into the model ------------------------------------------------------------------
     def write(self, groups: List[np.ndarray]) -> None:

@@ -127,9 +127,9 @@ class IterationAveragingStrategy:
     def _named_arrays(self, groups: List[Any]) -> Dict[str, mx.nd.NDArray]:
         assert self._binding is not None
         out = {}
-        for spec in self._binding.layout.specs:
+        for name, spec in zip(self._binding.param_names, self._binding.layout.specs):  # GluonTS's keys
             g, start = self._binding.layout.offsets[spec.name]
-            out[spec.name] = groups[g][start : start + spec.size].reshape(spec.shape)
+            out[name] = groups[g][start : start + spec.size].reshape(spec.shape)
         return out
 
     # -- GluonTS's methods -----------------------------------------------------------------------
@@ -157,7 +157,7 @@ class IterationAveragingStrategy:
         """
         binding = self._bind(model, full_check=False)
         assert self._state is not None
-        result = self._state.fold(binding.plan(), self.schedule.peek_weight())
+        result = self._state.fold(binding.plan(), binding.fold_weight(self.schedule.peek_weight()))
         # Sync bookkeeping counts attempts, not successful folds: it decides when collectives run, so it must
         # be the same on every rank even if one rank refused an iterate.
         self._dirty = True
