@@ -16,17 +16,24 @@ name                        what                                                
 ``iteravg.layout``          allgather of a layout digest (+ broadcast on mismatch)  first bind of a model
 ``iteravg.metric``          allgather of the epoch metric                           NTA decision epochs only
 ``iteravg.dirty``           allreduce-max of "folded since the last sync"          before hook-level syncs
-``iteravg.avg.<g>``         allreduce-sum (float32) / -mean, or broadcast, of      every state sync
-                            dtype group g's flat buffer
-``iteravg.fingerprint``     allreduce-max of (fingerprint, -fingerprint, counter)   after every state sync
-``iteravg.repair.<g>``      broadcast from rank 0                                   only if fingerprints differ
+``iteravg.source``          allreduce-min of "lowest rank holding an average"       ``sync="broadcast"`` syncs
+``iteravg.avg.<g>``         allreduce-sum (every dtype, with or without the C       every state sync
+                            kernel), or broadcast, of dtype group g's flat buffer
+``iteravg.fingerprint``     allreduce-max of (fingerprint, ~fingerprint, counter)   after every state sync
+``iteravg.repair.<g>``      broadcast from the sync's source rank                   only if fingerprints differ
 ``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads
 ``iteravg.bytes.*``         broadcast of a length, then of the bytes                checkpoint state on resume
 ``iteravg.rank_mean``       allgather of a few scalars                             epoch losses (training loop)
 ``iteravg.bcast.*.<i>``     broadcast from rank 0 (``params``, ``resume``)         initial / resumed parameters
 ``iteravg.grad.<i>``        allreduce-mean                                         gradients (mpi4py backend)
 ``iteravg.finish``          barrier                                                before a rank leaves
+``iteravg.watchdog.hello``  allgather of the watchdog's status-socket address      communicator creation
 ==========================  ====================================================  ============================
+
+Every collective has a deadline (``ITERAVG_COLLECTIVE_TIMEOUT`` seconds, default 300, ``0`` disables, or
+``set_timeout(seconds)``); the hook it came from is named with ``with phase("on_epoch_end"): ...``. A rank that
+waits past the deadline prints the collective, the hook, the deadline and where every other rank is, then ends the
+whole job (see ``iteravg.comm.watchdog``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar
 import numpy as np
 
 from .comm import Communicator
-from .core._kernel import KERNELS, scale_and_word_sums
+from .comm.watchdog import current_phase, get_timeout, phase, set_timeout
+from .core._kernel import scale_and_word_sums
 from .core.averaged import AveragedState, Layout
 
 __all__ = [
@@ -61,6 +69,10 @@ __all__ = [
     "run_on_root",
     "any_rank",
     "METRIC_REDUCTIONS",
+    "phase",
+    "current_phase",
+    "set_timeout",
+    "get_timeout",
 ]
 
 METRIC_REDUCTIONS = ("mean", "min", "max", "rank0")
@@ -201,40 +213,54 @@ def _first_difference(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]]) ->
 def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: str = "mean") -> int:
     """Make the averaged model identical on every rank; returns the agreed ``average_counter``.
 
-    ``mode="mean"``: allreduce-mean of each dtype buffer, so every rank's iterates (and BatchNorm
-    statistics) count; the update is linear, so the result is the average of the rank-mean iterates.
-    ``mode="broadcast"``: rank 0's average wins.
+    ``mode="mean"``: allreduce-sum of each dtype buffer, divided by the number of ranks holding an average, so
+    every rank's iterates (and BatchNorm statistics) count; the update is linear, so the result is the average of
+    the rank-mean iterates. ``mode="broadcast"``: the average of the lowest rank that holds one wins (rank 0's,
+    unless rank 0 never folded an iterate; a rank with nothing never overwrites the others with zeros).
 
     Then one small allreduce-max of the buffers' fingerprints checks bitwise identity; if ranks differ (an allreduce
-    is allowed to round differently per rank), rank 0's buffers are broadcast and checked again, and
+    is allowed to round differently per rank), the source rank's buffers are broadcast and checked again, and
     ``ReplicaDivergenceError`` is raised on every rank if they still differ. The counter is the maximum
     over ranks (ranks differ only if one refused a non-finite iterate).
+
+    The collectives issued and their ops depend on nothing per host (not on whether the C kernel compiled, nor on
+    the data): the same names, ops and sizes on every rank.
     """
     if comm.size == 1:
         return counter
     if mode not in ("mean", "broadcast"):
         raise ValueError(f"sync must be 'mean' or 'broadcast', got {mode!r}")
     sums: List[Optional[tuple]] = []
+    source = 0
+    if mode == "broadcast":
+        source = _lowest_rank_with_data(comm, counter > 0)
     for g in range(len(state.layout.groups)):
         if mode == "mean":
             sums.append(_allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0))
         else:
-            comm.broadcast_(state.sync_view(g), root=0, name=f"iteravg.avg.{g}", native=state.native(g))
+            comm.broadcast_(state.sync_view(g), root=source, name=f"iteravg.avg.{g}", native=state.native(g))
             sums.append(None)
     if _maybe_inject_divergence(comm, state):
         sums = [None] * len(sums)
     same, counter_max = _identical(comm, state, counter, sums)
     if not same:
         logger.warning("iteravg: averaged models differed across ranks after the allreduce; repaired by a "
-                       "broadcast from rank 0")
-        broadcast_average(comm, state, name="iteravg.repair")
+                       "broadcast from rank %d", source)
+        broadcast_average(comm, state, name="iteravg.repair", root=source)
         same, counter_max = _identical(comm, state, counter)
         if not same:
             raise ReplicaDivergenceError(
-                "averaged models still differ across ranks after a repair broadcast from rank 0; "
+                f"averaged models still differ across ranks after a repair broadcast from rank {source}; "
                 "this points at memory corruption or a non-deterministic reduction -- please report it"
             )
     return counter_max
+
+
+def _lowest_rank_with_data(comm: Communicator, has_data: bool) -> int:
+    """The lowest rank holding an average (0 if none does): one allreduce-min of a small integer."""
+    v = np.array([comm.rank if has_data else comm.size], dtype=np.int32)
+    comm.allreduce_(v, op="min", name="iteravg.source")
+    return int(v[0]) if int(v[0]) < comm.size else 0
 
 
 def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g: int,
@@ -243,11 +269,12 @@ def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g:
 
     A rank whose every iterate so far was refused (NaN/inf) holds nothing; averaging its empty buffer in
     would pull the mean towards zero. Each rank puts 1 (has data) or 0 in the buffer's trailing slot and
-    zeroes an empty buffer, so after a *sum* allreduce the slot counts the contributors.
+    zeroes an empty buffer, so after a *sum* allreduce the slot counts the contributors; every rank then multiplies
+    by ``1/contributors``. The op is always ``sum``, whatever the dtype and whether the C kernel compiled.
 
-    float32 with the C kernel: the division by the contributor count and the fingerprint that checks the
-    ranks agree are done in one pass (returns that pass's word sums for ``fingerprint``). Otherwise: an
-    allreduce-mean, a rescale only if some rank had nothing, and ``None``.
+    float32: the division and the fingerprint that checks the ranks agree are one pass (C kernel, or numpy with
+    the same bits); returns that pass's word sums for ``fingerprint``. float16 is scaled in float32 and rounded
+    once; other dtypes are scaled in their own precision (returns ``None``).
     """
     buf = state.sync_view(g)
     if has_data:
@@ -255,35 +282,35 @@ def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g:
     else:
         buf[:] = 0
     data = state.current(g)
-    if data.dtype == np.float32 and KERNELS is not None:
-        comm.allreduce_(buf, op="sum", name=f"iteravg.avg.{g}", native=state.native(g))
-        contributors = int(round(float(buf[-1])))
-        return scale_and_word_sums(data, 1.0 / contributors if contributors else 0.0)
-    comm.allreduce_(buf, op="mean", name=f"iteravg.avg.{g}", native=state.native(g))
-    contributors = int(round(float(buf[-1]) * comm.size))
-    if 0 < contributors < comm.size:
-        np.multiply(data, data.dtype.type(comm.size / contributors), out=data)
+    comm.allreduce_(buf, op="sum", name=f"iteravg.avg.{g}", native=state.native(g))
+    contributors = int(round(float(buf[-1])))
+    scale = 1.0 / contributors if contributors else 0.0
+    if data.dtype == np.float32:
+        return scale_and_word_sums(data, scale)
+    if data.dtype.itemsize < 4:
+        np.multiply(data, np.float32(scale), out=data, dtype=np.float32, casting="unsafe")
+    else:
+        np.multiply(data, data.dtype.type(scale), out=data)
     return None
 
 
-def broadcast_average(comm: Communicator, state: AveragedState, name: str = "iteravg.avg") -> None:
-    """Overwrite every rank's average with rank 0's (resume, repair)."""
+def broadcast_average(comm: Communicator, state: AveragedState, name: str = "iteravg.avg", root: int = 0) -> None:
+    """Overwrite every rank's average with ``root``'s (resume, repair)."""
     if comm.size == 1:
         return
     for g in range(len(state.layout.groups)):
-        comm.broadcast_(state.sync_view(g), root=0, name=f"{name}.{g}", native=state.native(g))
+        comm.broadcast_(state.sync_view(g), root=root, name=f"{name}.{g}", native=state.native(g))
 
 
 def _identical(comm: Communicator, state: AveragedState, counter: int,
                sums: Optional[List[Optional[tuple]]] = None) -> tuple:
-    """One small allreduce-max of (fingerprint, -fingerprint, counter): all ranks hold the same bits iff
-    max(fp) == -max(-fp) == min(fp). Cheaper than an allgather in Horovod (no size negotiation)."""
+    """One small allreduce-max of (fingerprint, ~fingerprint, counter): all ranks hold the same bits iff
+    max(fp) == ~max(~fp), because max(~x) == ~min(x) exactly (no overflow, unlike -x for INT64_MIN).
+    Cheaper than an allgather in Horovod (no size negotiation)."""
     fp = state.fingerprint(sums)
-    with np.errstate(over="ignore"):
-        row = np.concatenate([fp, -fp, np.array([counter], dtype=np.int64)])
+    row = np.concatenate([fp, np.invert(fp), np.array([counter], dtype=np.int64)])
     comm.allreduce_(row, op="max", name="iteravg.fingerprint")
-    with np.errstate(over="ignore"):
-        same = bool(np.array_equal(row[:2], -row[2:4]))
+    same = bool(np.array_equal(row[:2], np.invert(row[2:4])))
     return same, int(row[4])
 
 

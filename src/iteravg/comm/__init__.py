@@ -8,6 +8,9 @@
    else mpi4py;
 4. otherwise the single-process ``LocalComm`` -- no launcher, MPI or Horovod is imported.
 
+Multi-rank communicators run every collective under a deadline (``watchdog.py``: ``ITERAVG_COLLECTIVE_TIMEOUT``,
+``set_timeout``, ``phase``).
+
 The communicator is a process-wide singleton (one per backend), because MPI and Horovod are initialised
 once per process.
 """
@@ -19,8 +22,10 @@ from typing import Dict, Optional, Union
 
 from .base import CommError, Communicator, ReduceOp, describe
 from .local import LocalComm
+from .watchdog import current_phase, get_timeout, phase, set_timeout
 
-__all__ = ["Communicator", "CommError", "ReduceOp", "LocalComm", "get_comm", "resolve_comm", "detect_backend", "describe"]
+__all__ = ["Communicator", "CommError", "ReduceOp", "LocalComm", "get_comm", "resolve_comm", "detect_backend", "describe",
+           "phase", "current_phase", "set_timeout", "get_timeout"]
 
 _BACKENDS = ("horovod", "mpi", "local")
 _instances: Dict[str, Communicator] = {}

@@ -1,5 +1,8 @@
 """ctypes loader for the optional C fold kernel (``_foldkernel.c``); ``None`` when it was not built.
 
+Every function here gives the same bits with or without the kernel, so no decision (and no collective op) ever
+depends on whether it compiled on a host.
+
 ``ITERAVG_NO_KERNEL=1`` forces the numpy fallback (used by tests to check both paths agree bitwise).
 """
 
@@ -33,11 +36,14 @@ def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
                 fn.argtypes = _SIGNATURE
                 fn.restype = ctypes.c_int64
                 funcs[dtype] = fn
-            fp = lib.iteravg_fingerprint
-            fp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+            try:  # a stale build without these symbols falls back to numpy (same bits)
+                fp = lib.iteravg_fp_mix
+                sf = lib.iteravg_scale_fp_mix_f32
+            except AttributeError:
+                return None
+            fp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p]
             fp.restype = None
             funcs["fingerprint"] = fp
-            sf = lib.iteravg_scale_fingerprint_f32
             sf.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p]
             sf.restype = None
             funcs["scale_fingerprint_f32"] = sf
@@ -48,24 +54,45 @@ def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
 KERNELS = _load()
 
 
-def scale_and_word_sums(buf: np.ndarray, scale: float) -> Optional[tuple]:
-    """``buf *= scale`` (float32, in place) and ``word_sums`` of the result, in one C pass; None without the kernel."""
-    if KERNELS is None or buf.dtype != np.float32 or not buf.flags.c_contiguous:
-        return None
-    out = np.zeros(2, dtype=np.uint64)
-    KERNELS["scale_fingerprint_f32"](buf.ctypes.data, buf.size, scale, out.ctypes.data)
-    return out[0], out[1]
+#: The fingerprint's constants (``_foldkernel.c``): position step and odd multiplier.
+FP_G = np.uint64(0x9E3779B97F4A7C15)
+FP_M = np.uint64(0xD6E8FEB86659FD93)
+_CHUNK = 1 << 16
 
 
-def word_sums(words: np.ndarray) -> tuple:
-    """(wrapping sum, xor) of a uint64 array: one C pass if the kernel is built, else two numpy passes."""
+def scale_and_word_sums(buf: np.ndarray, scale: float) -> tuple:
+    """``buf *= float32(scale)`` in place and ``word_sums`` of the result (the 8-byte words of the first
+    ``len // 2 * 2`` floats): one C pass with the kernel, the same bits from numpy without it."""
+    if buf.dtype != np.float32 or not buf.flags.c_contiguous:
+        raise ValueError("scale_and_word_sums needs a contiguous float32 buffer")
+    if KERNELS is not None:
+        out = np.zeros(2, dtype=np.uint64)
+        KERNELS["scale_fingerprint_f32"](buf.ctypes.data, buf.size, scale, out.ctypes.data)
+        return out[0], out[1]
+    np.multiply(buf, np.float32(scale), out=buf)
+    n8 = buf.size // 2 * 2
+    return word_sums(buf[:n8].view(np.uint64))
+
+
+def word_sums(words: np.ndarray, start: int = 0) -> tuple:
+    """(wrapping sum, xor) of the position-mixed words ``h_i = m ^ (m >> 32)``, ``m = (w_i ^ (i * G)) * M``,
+    positions counted from ``start``: one C pass if the kernel is built, else chunked numpy with the same bits."""
     if KERNELS is not None and words.flags.c_contiguous:
         out = np.zeros(2, dtype=np.uint64)
-        KERNELS["fingerprint"](words.ctypes.data, words.size, out.ctypes.data)
+        KERNELS["fingerprint"](words.ctypes.data, words.size, start, out.ctypes.data)
         return out[0], out[1]
-    if words.size == 0:
-        return np.uint64(0), np.uint64(0)
-    return np.add.reduce(words, dtype=np.uint64), np.bitwise_xor.reduce(words)
+    total, xor = np.uint64(0), np.uint64(0)
+    with np.errstate(over="ignore"):
+        for lo in range(0, words.size, _CHUNK):
+            w = words[lo:lo + _CHUNK]
+            h = np.arange(start + lo, start + lo + w.size, dtype=np.uint64)
+            np.multiply(h, FP_G, out=h)
+            np.bitwise_xor(h, w, out=h)
+            np.multiply(h, FP_M, out=h)
+            np.bitwise_xor(h, h >> np.uint64(32), out=h)
+            total = np.uint64(total + np.add.reduce(h, dtype=np.uint64))
+            xor = np.uint64(xor ^ np.bitwise_xor.reduce(h))
+    return total, xor
 
 
 def pointer_table(arrays: list) -> tuple:
