@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from mxnet import gluon
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from ..gluonts.guard import check_replicas_in_sync
 from .strategies import IterationAveragingStrategy
 
 logger = logging.getLogger("iteravg")
@@ -124,6 +125,9 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, training_network: gluon.Block, trainer: gluon.Trainer,
                      best_epoch_info: Optional[Dict[str, Any]] = None, ctx: Any = None) -> bool:
         self._maybe_resume(training_network)
+        if not getattr(self, "_replicas_checked", False):  # collective: N ranks training unrelated replicas raise
+            self._replicas_checked = True
+            check_replicas_in_sync(self.avg_strategy.comm, training_network, strict=None)
         strategy = self.avg_strategy
         started_before = strategy.averaging_started
         strategy.update_average_trigger(metric=epoch_loss, epoch=epoch_no + 1)
