@@ -1,49 +1,75 @@
-"""Atomic, self-verifying checkpoints of the averaging state, written by rank 0 only.
+"""Atomic, immutable, self-verifying snapshots of the averaging state, written by rank 0 only.
 
 Layout of ``checkpoint_dir``::
 
     checkpoint_dir/
-      latest -> epoch-000007            # symlink, switched atomically; the only thing readers trust
-      epoch-000006/                     # previous snapshot, kept (``keep`` snapshots in all)
-      epoch-000007/
-        averaging-state.json            # format, version, epoch, world size, strategy state, fingerprint,
-                                        # layout and the SHA-256 of every file below
+      latest -> epoch-000007.1          # symlink, switched atomically; never names a missing snapshot
+      epoch-000006/                     # older snapshots, kept (``keep`` snapshots in all)
+      epoch-000007/                     # state at epoch 7 ...
+      epoch-000007.1/                   # ... and a later, different state at epoch 7 (e.g. train end): new name
+        averaging-state.json            # format, version, snapshot name, seq, epoch, world size, strategy state,
+                                        # fingerprint, layout, the SHA-256 of every file below, and
+                                        # ``record_sha256``: the SHA-256 of this record itself (canonical JSON)
         averaged.params                 # the averaged model, ``net.load_parameters``-compatible
         ...                             # files added by the training loop (last iterate, optimizer state)
       averaged.params -> latest/averaged.params              # convenience links, never rewritten
       averaging-state.json -> latest/averaging-state.json
+      .iteravg-snapshots                # append-only ledger: "<seq> <name>" of every name ever reserved
 
-Why a directory per snapshot: a checkpoint is several files that must agree. Each snapshot is written into a
-hidden temporary directory (``.tmp-*``), every file is fsynced, the directory is renamed into place and only
-then ``latest`` is switched with an atomic ``rename``. A crash at any point leaves ``latest`` pointing at the
-previous complete snapshot; leftovers named ``.tmp-*`` are never read and are removed by the next writer.
+Rules:
+
+* **Immutable once published.** A published directory is never rewritten. Names are monotonic: the caller's name
+  (``epoch-000007``) if it was never used in this directory, else ``epoch-000007.<k>`` with the next ``k``; a name
+  is never reused, not even after pruning (the ledger remembers it). Each snapshot also carries a global ``seq``.
+* **Atomic.** Files go into a hidden ``.tmp-*`` directory, each is fsynced, the state record last; the directory is
+  renamed into place, then ``latest`` is switched with an atomic ``rename`` of a new symlink. A crash at any point
+  leaves ``latest`` naming a complete snapshot; ``.tmp-*`` leftovers are never read and the next writer removes them.
+* **Pruning** removes only iteravg's own snapshots -- a directory whose name matches ``<word>-<6+ digits>[.<k>]``
+  *and* that holds an iteravg state record or is in the ledger -- oldest ``seq`` first, never the one ``latest``
+  names. A user's ``my_dataset/`` in the same directory is never touched. A pruned snapshot is first renamed to a
+  ``.tmp-prune-*`` name, so a crash mid-deletion never leaves a half-deleted snapshot under a published name.
+* **Fallback on read.** If ``latest`` is missing, dangling, or names a snapshot that does not verify, readers use the
+  newest snapshot (by ``seq``) that verifies and log a warning saying so.
+* **Explicit snapshot paths.** ``read_snapshot("ckpt/epoch-000007")`` reads that snapshot; writers given such a
+  path write next to it (``checkpoint_root``), never inside it.
+* **Record checksum.** ``record_sha256`` covers the whole record; a record without it (written before this field
+  existed) is accepted with a warning (its files are still SHA-256 verified).
 
 Nothing read from disk is unpickled: the state is JSON, tensors are MXNet's binary NDArray format.
 Files and directories are created with the user's umask and are never world-writable.
 
-Fault injection (for tests): ``ITERAVG_FAULT=crash-before-publish`` (or ``crash-before-publish:epoch-000005`` for
-one snapshot) makes the writer ``os._exit(17)`` after the snapshot's files are written and synced but before it
-is published.
+Fault injection (tests): ``ITERAVG_FAULT=kill-at:STAGE`` (or ``kill-at:STAGE:NAME`` for one snapshot) sends SIGKILL
+to the writer at STAGE, one of ``tmp-created``, ``file-<k>`` (after the k-th file), ``state-written``,
+``renamed``, ``latest-switched``, ``pruning`` (after the first pruned snapshot was renamed aside and partly
+deleted). The older ``crash-before-publish[:NAME]`` makes the writer ``os._exit(17)`` at ``state-written``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 FORMAT = "iteravg-averaging-state"
 FORMAT_VERSION = 1
 STATE_FILE = "averaging-state.json"
 PARAMS_FILE = "averaged.params"
 LATEST = "latest"
+LEDGER = ".iteravg-snapshots"
 FAULT_ENV = "ITERAVG_FAULT"
+#: A snapshot's name: ``<word>-<6+ digits>`` as given by the caller, plus ``.<k>`` if that name was taken.
+SNAPSHOT_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9_]*-\d{6,})(?:\.(?P<rev>\d+))?$")
 
-__all__ = ["CheckpointError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file",
+           "checkpoint_root", "check_writable", "list_snapshots", "record_digest", "FORMAT_VERSION"]
+logger = logging.getLogger("iteravg")
 
 
 class CheckpointError(ValueError):
@@ -99,6 +125,96 @@ def atomic_write(path: os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def checkpoint_root(path: os.PathLike) -> Path:
+    """The directory new snapshots go into when the user names ``path``.
+
+    ``path`` itself, unless it is a published snapshot (it holds a real ``averaging-state.json``) or the ``latest``
+    link: then its parent, so resuming from ``ckpt/epoch-000007`` writes ``ckpt/epoch-000008``, not
+    ``ckpt/epoch-000007/epoch-000008``.
+    """
+    p = Path(path)
+    if p.name == LATEST and p.is_symlink():
+        return p.parent
+    state = p / STATE_FILE
+    if state.is_file() and not state.is_symlink():
+        return p.parent
+    return p
+
+
+def check_writable(path: os.PathLike) -> Path:
+    """Create the checkpoint root if needed and prove it is writable (a probe file); returns the root.
+
+    Raises ``CheckpointError`` naming the directory, so a job fails at its start instead of at its first save.
+    """
+    root = checkpoint_root(path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".tmp-probe-{os.getpid()}-{time.monotonic_ns()}"
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint_dir {str(root)!r} is not writable: {exc.strerror or exc}") from exc
+    return root
+
+
+def record_digest(record: Dict[str, Any]) -> str:
+    """SHA-256 of the record's canonical JSON (sorted keys, no spaces), without its ``record_sha256`` field."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _fault(stage: str, names: Tuple[str, ...]) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if not fault:
+        return
+    if stage == "state-written" and (fault == "crash-before-publish"
+                                     or any(fault == f"crash-before-publish:{n}" for n in names)):
+        os._exit(17)  # simulate a crash after writing, before publishing
+    if fault == f"kill-at:{stage}" or any(fault == f"kill-at:{stage}:{n}" for n in names):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_ledger(root: Path) -> List[Tuple[int, str]]:
+    try:
+        text = (root / LEDGER).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0].isdigit() and SNAPSHOT_NAME.match(parts[1]):
+            out.append((int(parts[0]), parts[1]))
+    return out
+
+
+def _reserve(root: Path, base: str) -> Tuple[str, int]:
+    """Pick the next unused name for ``base`` and the next global seq; append them to the ledger (fsynced)."""
+    ledger = _read_ledger(root)
+    used = {n for _, n in ledger} | {p.name for p in root.iterdir()}
+    seq = max([s for s, _ in ledger] + [_seq_of(root / n) for n in used if SNAPSHOT_NAME.match(n)] + [0]) + 1
+    name = base
+    if name in used:
+        revs = [int(m.group("rev") or 0) for m in map(SNAPSHOT_NAME.match, used) if m and m.group("base") == base]
+        name = f"{base}.{max(revs) + 1}"
+    fd = os.open(root / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666 & ~_umask() & ~0o002)
+    try:
+        os.write(fd, f"{seq} {name}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return name, seq
+
+
+def _seq_of(snap: Path) -> int:
+    try:
+        record = json.loads((snap / STATE_FILE).read_text(encoding="utf-8"))
+        return int(record.get("seq", 0)) if isinstance(record, dict) else 0
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def write_snapshot(
     checkpoint_dir: os.PathLike,
     name: str,
@@ -106,24 +222,35 @@ def write_snapshot(
     files: Dict[str, Callable[[Path], None]],
     keep: int = 2,
 ) -> Path:
-    """Write a snapshot directory ``name`` with ``state`` as JSON plus ``files`` (name -> writer(path)).
+    """Publish a new snapshot: ``state`` as JSON plus ``files`` (file name -> writer(path)).
 
-    Returns the published snapshot's path. Atomic: readers see the previous snapshot or this one, whole.
+    ``name`` (``<word>-<6+ digits>``, e.g. ``epoch-000007``) is used as is if never used in this directory, else
+    suffixed ``.<k>`` (see the module doc); returns the published snapshot's path. Atomic and immutable: readers
+    see the previous snapshot or this one, whole, and no published directory is ever rewritten.
+    ``checkpoint_dir`` may be a snapshot path: the snapshot is then written next to it (``checkpoint_root``).
     """
-    root = Path(checkpoint_dir)
+    if not SNAPSHOT_NAME.match(name) or "." in name:
+        raise ValueError(f"snapshot name must look like 'epoch-000007' (<word>-<6+ digits>), got {name!r}")
+    root = checkpoint_root(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(root)
-    tmp = root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
+    final_name, seq = _reserve(root, name)
+    names = (name, final_name)
+    tmp = root / f".tmp-{final_name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     _secure(tmp, is_dir=True)
+    _fault("tmp-created", names)
     digests: Dict[str, str] = {}
-    for fname, writer in files.items():
+    for k, (fname, writer) in enumerate(files.items(), start=1):
         path = tmp / fname
         writer(path)
         _secure(path)
         _fsync_file(path)
         digests[fname] = sha256_file(path)
-    record = dict(state, format=FORMAT, format_version=FORMAT_VERSION, files=digests, written_at=time.time())
+        _fault(f"file-{k}", names)
+    record = dict(state, format=FORMAT, format_version=FORMAT_VERSION, files=digests, written_at=time.time(),
+                  snapshot=final_name, seq=seq)
+    record["record_sha256"] = record_digest(record)
     state_path = tmp / STATE_FILE
     with open(state_path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, sort_keys=True)
@@ -131,23 +258,19 @@ def write_snapshot(
         os.fsync(f.fileno())
     _secure(state_path)
     _fsync_dir(tmp)
-    fault = os.environ.get(FAULT_ENV, "")
-    if fault == "crash-before-publish" or fault == f"crash-before-publish:{name}":
-        os._exit(17)  # simulate a crash after writing, before publishing
-    final = root / name
-    if final.exists():  # re-written snapshot (e.g. after a resume): move the old one aside first
-        trash = root / f".tmp-old-{name}-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    _fault("state-written", names)
+    final = root / final_name
+    if os.path.lexists(final):  # another writer took the name since _reserve: never overwrite
+        raise CheckpointError(f"snapshot {str(final)!r} appeared while writing it; is another job writing here?")
+    os.rename(tmp, final)
     _fsync_dir(root)
-    _switch_latest(root, name)
+    _fault("renamed", names)
+    _switch_latest(root, final_name)
+    _fault("latest-switched", names)
     for link, target in ((PARAMS_FILE, f"{LATEST}/{PARAMS_FILE}"), (STATE_FILE, f"{LATEST}/{STATE_FILE}")):
         if not os.path.lexists(root / link):
             os.symlink(target, root / link)
-    _prune(root, keep, current=name)
+    _prune(root, keep, names)
     return final
 
 
@@ -166,34 +289,65 @@ def _clean_temporaries(root: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _prune(root: Path, keep: int, current: str) -> None:
-    snaps = sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
-                   key=lambda p: p.stat().st_mtime)
-    for p in snaps[: max(0, len(snaps) - max(keep, 1))]:
-        if p.name != current:
-            shutil.rmtree(p, ignore_errors=True)
+def _latest_target(root: Path) -> Optional[str]:
+    try:
+        return Path(os.readlink(root / LATEST)).name
+    except OSError:
+        return None
 
 
-def resolve_snapshot(checkpoint_dir: os.PathLike) -> Path:
-    """The published snapshot directory: ``latest``'s target, or the directory itself if it is a snapshot."""
+def list_snapshots(checkpoint_dir: os.PathLike) -> List[Path]:
+    """iteravg's own snapshot directories in ``checkpoint_dir``, oldest first (by ``seq``, then name).
+
+    Own = the name matches ``SNAPSHOT_NAME`` and the directory holds an iteravg state record or is in the ledger.
+    """
     root = Path(checkpoint_dir)
-    if (root / LATEST).is_dir():
-        return (root / os.readlink(root / LATEST)) if (root / LATEST).is_symlink() else root / LATEST
-    if (root / STATE_FILE).is_file() and not (root / STATE_FILE).is_symlink():
-        return root
-    if not root.exists():
-        raise CheckpointError(f"checkpoint directory {str(root)!r} does not exist")
-    raise CheckpointError(f"{str(root)!r} holds no published checkpoint (no {LATEST!r} link and no {STATE_FILE})")
+    if not root.is_dir():
+        return []
+    ledger = {n: s for s, n in _read_ledger(root)}
+    found = []
+    for p in root.iterdir():
+        if p.is_symlink() or not p.is_dir() or not SNAPSHOT_NAME.match(p.name):
+            continue
+        seq = _seq_of(p)
+        if seq == 0 and not _is_iteravg_record(p / STATE_FILE) and p.name not in ledger:
+            continue
+        found.append((seq or ledger.get(p.name, 0), p.name, p))
+    return [p for _, _, p in sorted(found)]
 
 
-def read_snapshot(checkpoint_dir: os.PathLike, verify: bool = True) -> Tuple[Path, Dict[str, Any]]:
-    """Read and validate the latest snapshot's state; with ``verify``, check every file's SHA-256."""
-    snap = resolve_snapshot(checkpoint_dir)
+def _is_iteravg_record(path: Path) -> bool:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == FORMAT
+
+
+def _prune(root: Path, keep: int, current: Tuple[str, ...]) -> None:
+    protected = set(current) | {_latest_target(root)}
+    snaps = list_snapshots(root)
+    excess = max(0, len(snaps) - max(keep, 1))
+    for p in [p for p in snaps if p.name not in protected][:excess]:
+        trash = root / f".tmp-prune-{p.name}-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(p, trash)
+        _fsync_dir(root)
+        if os.environ.get(FAULT_ENV, "").startswith("kill-at:pruning"):
+            victims = sorted(trash.iterdir())
+            if victims:
+                victims[0].unlink()
+            _fault("pruning", current)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _load_record(snap: Path, verify: bool) -> Dict[str, Any]:
+    """The snapshot's validated state record; with ``verify`` every file's SHA-256 is checked too."""
     path = snap / STATE_FILE
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         state = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -204,6 +358,12 @@ def read_snapshot(checkpoint_dir: os.PathLike, verify: bool = True) -> Tuple[Pat
         raise CheckpointError(
             f"{path} has format version {state.get('format_version')!r}; this iteravg reads version {FORMAT_VERSION}"
         )
+    if "record_sha256" in state:
+        if state["record_sha256"] != record_digest(state):
+            raise CheckpointError(f"{path} is corrupted: its record_sha256 does not match its content")
+    else:
+        logger.warning("iteravg: %s has no record_sha256 (written by an older iteravg); its files are still "
+                       "SHA-256 verified", path)
     if verify:
         for fname, digest in state.get("files", {}).items():
             fpath = snap / fname
@@ -213,7 +373,52 @@ def read_snapshot(checkpoint_dir: os.PathLike, verify: bool = True) -> Tuple[Pat
             if actual != digest:
                 raise CheckpointError(f"checkpoint file {fpath} is corrupted (SHA-256 {actual[:12]}..., "
                                       f"state file says {digest[:12]}...)")
-    return snap, state
+    return state
+
+
+def _select(checkpoint_dir: os.PathLike, verify: bool) -> Tuple[Path, Dict[str, Any]]:
+    root = Path(checkpoint_dir)
+    explicit = root / STATE_FILE
+    if explicit.is_file() and not explicit.is_symlink():  # a snapshot directory named explicitly
+        return root, _load_record(root, verify)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint directory {str(root)!r} does not exist")
+    failure: Optional[str] = None
+    tried: Optional[str] = None
+    if os.path.lexists(root / LATEST):
+        tried = _latest_target(root)
+        target = root / LATEST
+        try:
+            if not target.is_dir():
+                raise CheckpointError(f"{str(target)!r} names {tried!r}, which does not exist")
+            return target.resolve(), _load_record(target, verify)
+        except CheckpointError as exc:
+            failure = str(exc)
+    for snap in reversed(list_snapshots(root)):
+        if snap.name == tried:
+            continue
+        try:
+            record = _load_record(snap, verify)
+        except CheckpointError:
+            continue
+        why = f"{LATEST!r} is unusable ({failure})" if failure else f"there is no {LATEST!r} link"
+        logger.warning("iteravg: %s; using %s, the newest snapshot that verifies", why, snap)
+        return snap, record
+    if failure:
+        raise CheckpointError(f"{failure}; and no other snapshot in {str(root)!r} verifies")
+    raise CheckpointError(f"{str(root)!r} holds no published checkpoint (no {LATEST!r} link and no {STATE_FILE})")
+
+
+def resolve_snapshot(checkpoint_dir: os.PathLike, *, verify: bool = False) -> Path:
+    """The snapshot to read: ``latest``'s target if its record is valid, else the newest snapshot that is (with a
+    warning), or the directory itself if it is a snapshot. With ``verify`` every file's SHA-256 counts too."""
+    return _select(checkpoint_dir, verify)[0]
+
+
+def read_snapshot(checkpoint_dir: os.PathLike, verify: bool = True) -> Tuple[Path, Dict[str, Any]]:
+    """Read and validate the snapshot ``resolve_snapshot`` picks (with ``verify``, also every file's SHA-256;
+    ``latest`` failing that check falls back to the newest snapshot that passes it, with a warning)."""
+    return _select(checkpoint_dir, verify)
 
 
 def latest_epoch(checkpoint_dir: os.PathLike) -> Optional[int]:
