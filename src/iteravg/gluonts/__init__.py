@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Trainer", "GluonTSVersionError", "check_replicas_in_sync", "ReplicasOutOfSyncError", "is_root"]
+__all__ = ["Trainer", "GluonTSVersionError", "check_replicas_in_sync", "IndependentReplicasError", "is_root"]
 
 
 def is_root() -> bool:
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:  # PEP 562: import GluonTS only when the Trai
         from . import trainer
 
         return getattr(trainer, name)
-    if name in ("check_replicas_in_sync", "ReplicasOutOfSyncError"):
+    if name in ("check_replicas_in_sync", "IndependentReplicasError"):
         from . import guard
 
         return getattr(guard, name)

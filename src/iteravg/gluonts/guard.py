@@ -8,8 +8,8 @@ cheap fingerprint comparison tells the two apart.
 
 ``check_replicas_in_sync`` is a collective: every rank calls it at the same point (iteravg's
 ``ModelIterationAveraging`` calls it once, at the first ``on_epoch_end``), and every rank gets the same answer.
-Replicas that are identical because every rank used the same seed and the same data pass the check: the result
-is then correct, only N times the compute.
+Called from GluonTS's own ``Trainer`` loop on several ranks it raises at once, fingerprints or not: that loop
+never reduces gradients, so even identical replicas (same seed everywhere) are N times the compute for nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .. import collectives
 from ..comm import Communicator
 
 __all__ = [
-    "ReplicasOutOfSyncError",
+    "IndependentReplicasError",
     "check_replicas_in_sync",
     "called_from_plain_gluonts_trainer",
     "fingerprints_agree",
@@ -41,8 +41,8 @@ ADVICE = (
 )
 
 
-class ReplicasOutOfSyncError(collectives.CollectiveError):
-    """Raised on every rank when the ranks' trainable parameters differ (independent replicas)."""
+class IndependentReplicasError(collectives.CollectiveError):
+    """Raised on every rank when the ranks train independent replicas (no gradient reduction)."""
 
 
 def parameter_fingerprint(net: Any, trainable_only: bool = True) -> bytes:
@@ -107,21 +107,26 @@ def check_replicas_in_sync(comm: Communicator, net: Any, strict: Optional[bool] 
                            what: str = "at the first epoch end") -> bool:
     """Whether every rank holds the same trainable parameters (collective; True at once on one rank).
 
-    If they differ: ``strict=True`` raises ``ReplicasOutOfSyncError`` on every rank; ``strict=False`` logs a
-    warning on rank 0 and returns False; ``strict=None`` raises when called from GluonTS's plain ``Trainer`` (the
-    silent-replicas case this guard exists for) and warns otherwise (hand-written loops that average
-    independently trained replicas on purpose, e.g. local SGD).
+    ``strict=None`` (what ``ModelIterationAveraging`` uses): raise ``IndependentReplicasError`` at once when called
+    from GluonTS's plain ``Trainer`` (the silent-replicas case this guard exists for: it never reduces gradients,
+    whatever the fingerprints say); otherwise compare fingerprints and only warn if they differ (hand-written loops
+    may average independently trained replicas on purpose, e.g. local SGD). ``strict=True`` raises and
+    ``strict=False`` warns (rank 0) when the fingerprints differ.
     """
     if comm.size == 1:
         return True
+    if strict is None and called_from_plain_gluonts_trainer():
+        # Known without comparing: GluonTS's own Trainer never reduces gradients (identical replicas only mean
+        # every rank used the same seed and data: N times the compute). Every rank takes this branch.
+        raise IndependentReplicasError(
+            f"iteravg: GluonTS's gluonts.mx.trainer.Trainer runs on {comm.size} ranks ({comm.name} rank "
+            f"{comm.rank}/{comm.size}) and does not reduce gradients across them. {ADVICE}")
     if fingerprints_agree(comm, parameter_fingerprint(net, trainable_only=True)):
         return True
     msg = (f"iteravg: the {comm.size} ranks hold different trainable parameters {what} "
            f"({comm.name} rank {comm.rank}/{comm.size}).")
-    if strict is None:
-        strict = called_from_plain_gluonts_trainer()
     if strict:
-        raise ReplicasOutOfSyncError(f"{msg} {ADVICE}")
+        raise IndependentReplicasError(f"{msg} {ADVICE}")
     if comm.rank == 0:
         logger.warning("%s The averaged model will average independently trained networks. If that is not what you "
                        "want: %s", msg, ADVICE)
