@@ -34,10 +34,8 @@ __all__ = [
 logger = logging.getLogger("iteravg")
 
 ADVICE = (
-    "Every rank trained its own network: the launcher started several processes but the training loop does not "
-    "reduce gradients across them (GluonTS's plain gluonts.mx.trainer.Trainer does not). Averaging such replicas "
-    "averages unrelated models. Use `from iteravg.gluonts import Trainer` (same arguments as GluonTS's Trainer): "
-    "it broadcasts the initial parameters, averages gradients every step and reduces epoch losses across ranks."
+    "Use `from iteravg.gluonts import Trainer` (same arguments as GluonTS's Trainer): it broadcasts the initial "
+    "parameters, averages gradients every step and reduces epoch losses across ranks."
 )
 
 
@@ -124,10 +122,10 @@ def check_replicas_in_sync(comm: Communicator, net: Any, strict: Optional[bool] 
     if fingerprints_agree(comm, parameter_fingerprint(net, trainable_only=True)):
         return True
     msg = (f"iteravg: the {comm.size} ranks hold different trainable parameters {what} "
-           f"({comm.name} rank {comm.rank}/{comm.size}).")
+           f"({comm.name} rank {comm.rank}/{comm.size}): every rank trained its own network, so the average "
+           "would average unrelated models.")
     if strict:
         raise IndependentReplicasError(f"{msg} {ADVICE}")
     if comm.rank == 0:
-        logger.warning("%s The averaged model will average independently trained networks. If that is not what you "
-                       "want: %s", msg, ADVICE)
+        logger.warning("%s If that is not what you want: %s", msg, ADVICE)
     return False

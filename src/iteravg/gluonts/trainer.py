@@ -27,14 +27,14 @@ logger = logging.getLogger("iteravg")
 
 SUPPORTED = "0.17"
 
-__all__ = ["Trainer", "GluonTSVersionError", "SUPPORTED"]
+__all__ = ["Trainer", "GluonTSVersionError", "SUPPORTED", "check_gluonts"]
 
 
 class GluonTSVersionError(ImportError):
     """The installed GluonTS does not have what ``iteravg.gluonts.Trainer`` plugs into."""
 
 
-def _check_gluonts() -> None:
+def check_gluonts() -> None:
     """Fail at construction, naming the version, if GluonTS's MXNet trainer changed what we plug into."""
     try:
         import gluonts
@@ -73,7 +73,7 @@ def _check_gluonts() -> None:
         )
 
 
-_check_gluonts()
+check_gluonts()
 
 from gluonts.core import settings as _settings  # noqa: E402 -- after the check, which explains failures
 from gluonts.core.component import validated  # noqa: E402
