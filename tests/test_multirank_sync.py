@@ -93,7 +93,7 @@ def test_identical_average_on_every_rank(job, tmp_path):
     # Rank 0's checkpoint: loads into a network and equals the averaged model; only rank 0 wrote.
     ckpt = tmp_path / "ckpt"
     state = json.loads((ckpt / "averaging-state.json").read_text())
-    assert state["world_size"] == size and state["strategy"]["averaging_started"]
+    assert state["world_size"] == size and state["averager"]["schedule"]["averaging_started"]
     net = make_net()
     net.load_parameters(str(ckpt / "averaged.params"))
     loaded = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
@@ -116,7 +116,7 @@ def test_resume_on_same_and_different_world_size(tmp_path):
     run(horovodrun(2, [WORKER, str(full)]), timeout=180)
     run(horovodrun(2, [WORKER, str(part), "--stop-after", "5"]), timeout=180)
     state = json.loads((part / "ckpt" / "averaging-state.json").read_text())
-    assert state["epoch"] == 5 and state["strategy"]["averaging_started"]
+    assert state["epoch"] == 5 and state["averager"]["schedule"]["averaging_started"]
     three = tmp_path / "three"
     three.mkdir()
     shutil.copytree(part / "ckpt", three / "ckpt", symlinks=True)

@@ -23,15 +23,20 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 from mxnet import gluon
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .. import checkpoint, collectives
 from ..gluonts.guard import check_replicas_in_sync
+from .checkpoint import PARAMS_FILE, legacy_reader, params_writer
 from .strategies import IterationAveragingStrategy
 
 logger = logging.getLogger("iteravg")
+
+Writer = Callable[[Path], None]
 
 
 def _callback_base() -> type:
@@ -45,10 +50,6 @@ def _callback_base() -> type:
     return Callback
 
 
-#: Hook for training loops: returns (extra files name -> writer(path), extra JSON state) for the snapshot.
-ExtrasFn = Callable[[], Tuple[Dict[str, Callable[[Any], None]], Dict[str, Any]]]
-
-
 class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
     """Callback implementing iteration averaging with ``avg_strategy`` (``NTA``, ``Alpha_Suffix``, ...).
 
@@ -57,11 +58,13 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
     avg_strategy
         The strategy; its ``comm`` decides single-process or distributed behaviour.
     checkpoint_dir
-        If set, rank 0 writes an atomic snapshot there at every epoch end and at train end
-        (see ``iteravg.checkpoint``). Other ranks never write.
+        If set, rank 0 writes an atomic, immutable snapshot of the averaging state there at every epoch end and
+        at train end (see ``iteravg.checkpoint``); other ranks never write. Leave it ``None`` when the training
+        loop writes its own checkpoints (it then asks ``snapshot_contents`` / ``restore``, as ``iteravg.mx.train``
+        does).
     resume
-        Restore averaged model and strategy state from ``checkpoint_dir`` when the network is first seen
-        (collective; any number of ranks).
+        Restore the averaged model and the strategy's progress from ``checkpoint_dir`` when the network is first
+        seen (collective; any number of ranks). The constructor's configuration wins over the checkpoint's.
     recount_epoch_end
         GluonTS folds the epoch-end iterate again after each batch fold (default True, for parity).
     keep_checkpoints
@@ -81,41 +84,96 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             raise ValueError(f"avg_strategy must be an iteravg.mx strategy (NTA, Alpha_Suffix, ...), got {avg_strategy!r}")
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
-        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, (int, np.integer)) \
+                or keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be an integer >= 1, got {keep_checkpoints!r}")
         self.avg_strategy = avg_strategy
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
-        self.resume = resume
-        self.recount_epoch_end = recount_epoch_end
-        self.keep_checkpoints = keep_checkpoints
-        #: Set by a training loop to add its own files/state (last iterate, optimizer) to each snapshot.
-        self.checkpoint_extras: Optional[ExtrasFn] = None
+        self.resume = bool(resume)
+        self.recount_epoch_end = bool(recount_epoch_end)
+        self.keep_checkpoints = int(keep_checkpoints)
         #: The resumed checkpoint's state record, after a resume.
         self.resumed_state: Optional[Dict[str, Any]] = None
+        self._started = False
         self._resumed = False
         self._epochs_done = 0
         self._saved_key: Optional[Tuple[int, int]] = None
 
-    # -- resume ----------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (f"ModelIterationAveraging(avg_strategy={self.avg_strategy!r}, checkpoint_dir={self.checkpoint_dir!r}, "
+                f"resume={self.resume}, recount_epoch_end={self.recount_epoch_end})")
+
+    # -- serialisation (gluonts.core.serde: GluonTS serialises an estimator with its trainer's callbacks) --
+    def __getnewargs_ex__(self) -> Tuple[tuple, Dict[str, Any]]:
+        return (self.avg_strategy,), {"checkpoint_dir": self.checkpoint_dir, "resume": self.resume,
+                                      "recount_epoch_end": self.recount_epoch_end,
+                                      "keep_checkpoints": self.keep_checkpoints}
+
+    # -- Lightning-style state: the trainer may own the files ---------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """JSON-able progress: epochs seen and the averager's state (tensors: ``snapshot_contents``)."""
+        return {"epochs_done": self._epochs_done, "averager": self.avg_strategy.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore progress on this rank (the tensors come with ``restore``, which is collective)."""
+        self._epochs_done = int(state.get("epochs_done", 0))
+        self.avg_strategy.load_state_dict(state["averager"])
+
+    def snapshot_contents(self) -> Tuple[Dict[str, Writer], Dict[str, Any]]:
+        """(files, JSON state) for a snapshot written by whoever owns the files (rank 0, after a sync).
+
+        Files: ``averaged.safetensors`` (layout names) and ``averaged.params`` (``net.load_parameters``).
+        """
+        files, record = self.avg_strategy.averager.snapshot_contents()
+        record["averager"]["epochs_done"] = self._epochs_done
+        averaged = self.avg_strategy.averager.averaged()
+        if averaged is not None:
+            files[PARAMS_FILE] = params_writer(averaged)
+        return files, record
+
+    def restore(self, checkpoint_dir: os.PathLike, training_network: gluon.Block) -> Dict[str, Any]:
+        """Load the averaging state of a snapshot on every rank (collective). Returns its state record."""
+        record = self.avg_strategy.averager.load(checkpoint_dir, self.avg_strategy.bind(training_network),
+                                                 legacy_reader=legacy_reader)
+        self._epochs_done = int(record.get("averager", {}).get("epochs_done", record.get("epoch", 0)))
+        self._saved_key = (self._epochs_done, self.avg_strategy.average_counter)
+        self.resumed_state = record
+        return record
+
+    # -- start: checks agreed by all ranks ------------------------------------------------------
+    def _start_once(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.checkpoint_dir is not None:
+            with collectives.phase("on_train_start (checking checkpoint_dir)"):
+                collectives.run_on_root(self.avg_strategy.comm, lambda: checkpoint.check_writable(self.checkpoint_dir),
+                                        f"checking that checkpoint_dir {self.checkpoint_dir!r} is writable")
+
     def _maybe_resume(self, net: gluon.Block) -> None:
+        self._start_once()
         if self.resume and not self._resumed:
             self._resumed = True
-            self.resumed_state = load_checkpoint(self.avg_strategy, net, self.checkpoint_dir)
-            self._epochs_done = int(self.resumed_state.get("epoch", 0))
-            self._saved_key = (self._epochs_done, self.avg_strategy.average_counter)
+            assert self.checkpoint_dir is not None
+            with collectives.phase("resume"):
+                self.restore(self.checkpoint_dir, net)
             logger.info("iteravg: resumed averaging state of epoch %d from %s", self._epochs_done, self.checkpoint_dir)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def on_train_start(self, max_epochs: int) -> None:
+        self._start_once()
 
     def on_network_initializing_end(self, training_network: gluon.Block) -> None:
         self._maybe_resume(training_network)
 
-    # -- hooks -----------------------------------------------------------------------------------
     def on_train_batch_end(self, training_network: gluon.Block) -> bool:
-        self.avg_strategy._apply(training_network)
+        self.avg_strategy.apply(training_network)
         return True
 
     def on_validation_epoch_start(self, training_network: gluon.Block) -> None:
         self._maybe_resume(training_network)
-        self.avg_strategy.load_averaged_model(training_network)
+        with collectives.phase("on_validation_epoch_start"):
+            self.avg_strategy.load_averaged_model(training_network)
 
     def on_validation_epoch_end(self, epoch_no: int, epoch_loss: float, training_network: gluon.Block,
                                 trainer: gluon.Trainer) -> bool:
@@ -129,36 +187,51 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             self._replicas_checked = True
             check_replicas_in_sync(self.avg_strategy.comm, training_network, strict=None)
         strategy = self.avg_strategy
-        started_before = strategy.averaging_started
-        strategy.update_average_trigger(metric=epoch_loss, epoch=epoch_no + 1)
-        if self.recount_epoch_end or not started_before:
-            if strategy.averaging_started:
-                strategy._bind(training_network, full_check=True)  # epoch-level check of the arrays
-            strategy._apply(training_network)
-        strategy.sync_average(decide_together=True)
-        self._epochs_done = epoch_no + 1
-        self._checkpoint("epoch_end")
+        with collectives.phase("on_epoch_end"):
+            started_before = strategy.averaging_started
+            strategy.update_average_trigger(metric=epoch_loss, epoch=epoch_no + 1)
+            if strategy.averaging_started and (self.recount_epoch_end or not started_before):
+                strategy.update_average(training_network, check_arrays=True)
+            strategy.sync_average()
+            self._epochs_done = epoch_no + 1
+            self._checkpoint("epoch_end")
         return True
 
     def on_train_end(self, training_network: gluon.Block, temporary_dir: Optional[str] = None, ctx: Any = None) -> None:
         logger.info("iteravg: loading averaged parameters")
-        self.avg_strategy.load_averaged_model(training_network)
-        self._checkpoint("train_end")
+        with collectives.phase("on_train_end"):
+            self.avg_strategy.finalize(training_network)
+            self._checkpoint("train_end")
 
     # -- checkpoint ------------------------------------------------------------------------------
-    def save(self, stage: str = "manual") -> None:
-        """Write a snapshot now (all ranks call; rank 0 writes). Syncs the average first."""
-        self.avg_strategy.sync_average()
-        self._saved_key = None
-        self._checkpoint(stage)
+    def save(self, stage: str = "manual") -> Optional[Path]:
+        """Write a snapshot now (collective: every rank calls, rank 0 writes; the average is synced first).
+        Never rewrites a published snapshot. Returns the snapshot path on rank 0."""
+        if self.checkpoint_dir is None:
+            raise ValueError("save() needs checkpoint_dir")
+        with collectives.phase(f"save ({stage})"):
+            return self._write(stage)
 
     def _checkpoint(self, stage: str) -> None:
         if self.checkpoint_dir is None:
             return
-        key = (self._epochs_done, self.avg_strategy.average_counter)
+        key = (self._epochs_done, self.avg_strategy.average_counter)  # replicated: the counter was just synced
         if key == self._saved_key:  # nothing changed since the last snapshot (e.g. train end after epoch end)
             return
-        files, extra = self.checkpoint_extras() if self.checkpoint_extras else ({}, {})
-        save_checkpoint(self.avg_strategy, self.checkpoint_dir, self._epochs_done, stage=stage,
-                        extra_files=files, extra_state=extra, keep=self.keep_checkpoints)
-        self._saved_key = key
+        self._write(stage)
+
+    def _write(self, stage: str) -> Optional[Path]:
+        assert self.checkpoint_dir is not None
+        strategy = self.avg_strategy
+        strategy.sync_average()
+
+        def write() -> Path:
+            files, record = self.snapshot_contents()
+            record.update(epoch=self._epochs_done, stage=stage, world_size=strategy.comm.size, comm=strategy.comm.name)
+            return checkpoint.write_snapshot(self.checkpoint_dir, f"epoch-{self._epochs_done:06d}", record, files,
+                                             keep=self.keep_checkpoints)
+
+        path = collectives.run_on_root(strategy.comm, write, f"writing the checkpoint to {self.checkpoint_dir!r}")
+        self._saved_key = (self._epochs_done, strategy.average_counter)
+        return path
+

@@ -1,30 +1,48 @@
-"""Save and restore a strategy's averaged model and state: rank 0 writes, rank 0 reads and broadcasts.
+"""MXNet file I/O around the engine's snapshots: ``averaged.params`` (what ``net.load_parameters`` reads) next to
+the engine's ``averaged.safetensors``, and the one-call save / load of a strategy.
 
-See ``iteravg.checkpoint`` for the directory layout and the atomicity guarantees.
+See ``iteravg.checkpoint`` for the directory layout and atomicity, ``iteravg.core.engine`` for what a snapshot
+records and how every rank loads it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from .. import __version__, collectives
-from ..checkpoint import PARAMS_FILE, CheckpointError, read_snapshot, write_snapshot
-from ..core.averaged import Layout, TensorSpec
+from ..checkpoint import PARAMS_FILE, CheckpointError
+from ..core.engine import fingerprint_hex
 from .strategies import IterationAveragingStrategy
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_params_file", "fingerprint_hex"]
+__all__ = ["save_checkpoint", "load_checkpoint", "params_writer", "read_params_file", "fingerprint_hex", "PARAMS_FILE"]
 
 Writer = Callable[[Path], None]
 
 
-def fingerprint_hex(fp: np.ndarray) -> str:
-    return "".join(format(int(v) & (2**64 - 1), "016x") for v in fp)
+def params_writer(tensors: Mapping[str, np.ndarray]) -> Writer:
+    """A writer of ``tensors`` (structural names) in MXNet's parameter format, for ``net.load_parameters``."""
+    return lambda path: mx.nd.save(str(path), {k: mx.nd.array(v, dtype=v.dtype) for k, v in tensors.items()})
+
+
+def read_params_file(path: Path) -> Dict[str, np.ndarray]:
+    """name -> numpy array from an MXNet parameter file, with a clear error if it is not one."""
+    try:
+        loaded = mx.nd.load(str(path))
+    except mx.base.MXNetError as exc:
+        raise CheckpointError(f"{path} is not a readable MXNet parameter file: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a list of arrays, expected named parameters")
+    return {k: v.asnumpy() for k, v in loaded.items()}
+
+
+def legacy_reader(snap: Path, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Snapshots of iteravg 0.1 hold only ``averaged.params`` (structural names): the engine reads it with this."""
+    return read_params_file(snap / PARAMS_FILE)
 
 
 def save_checkpoint(
@@ -36,104 +54,20 @@ def save_checkpoint(
     extra_state: Optional[Dict[str, Any]] = None,
     keep: int = 2,
 ) -> Optional[Path]:
-    """Call on every rank at the same point; rank 0 writes, the others return at once (no collective).
-
-    The strategy must be synced (``sync_average``) first, so that rank 0's average is everybody's.
-    """
-    if strategy.comm.rank != 0:
-        return None
-    st = strategy.averaged_state
-    binding = strategy.binding
-    has_average = st is not None and strategy.average_counter > 0
-    files: Dict[str, Writer] = dict(extra_files or {})
-    state: Dict[str, Any] = {
-        "epoch": int(epoch),
-        "stage": stage,
-        "world_size": strategy.comm.size,
-        "comm": strategy.comm.name,
-        "strategy": strategy.state_dict(),
-        "has_average": has_average,
-        "iteravg_version": __version__,
-        "extra": dict(extra_state or {}),
-    }
-    if binding is not None:
-        state["layout"] = binding.layout.describe()
-        state["structural_names"] = binding.structural
-    if has_average:
-        assert st is not None and binding is not None
-        state["fingerprint"] = fingerprint_hex(st.fingerprint())
-        arrays = {binding.structural[k]: v for k, v in strategy.averaged_model.items()}  # zero-copy views
-        files[PARAMS_FILE] = lambda path: mx.nd.save(str(path), arrays)
-    return write_snapshot(checkpoint_dir, f"epoch-{int(epoch):06d}", state, files, keep=keep)
-
-
-def load_params_file(path: Path, layout: Layout, structural: Dict[str, str]) -> list:
-    """Read ``averaged.params`` into flat per-dtype arrays, checking it holds exactly ``layout``'s tensors."""
-    try:
-        loaded = mx.nd.load(str(path))
-    except mx.base.MXNetError as exc:
-        raise CheckpointError(f"{path} is not a readable MXNet parameter file: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(loaded, dict):
-        raise CheckpointError(f"{path} holds a list of arrays, expected named parameters")
-    groups = [np.empty(n, dtype=dt) for dt, n in zip(layout.groups, layout.group_sizes)]
-    expected = {structural.get(s.name, s.name): s for s in layout.specs}
-    if set(loaded) != set(expected):
-        missing = sorted(set(expected) - set(loaded))[:3]
-        extra = sorted(set(loaded) - set(expected))[:3]
-        raise CheckpointError(f"{path} is for another model: missing {missing}, unexpected {extra}")
-    for key, spec in expected.items():
-        arr = loaded[key]
-        if tuple(arr.shape) != spec.shape or np.dtype(arr.dtype).name != spec.dtype:
-            raise CheckpointError(f"{path}: {key!r} is {np.dtype(arr.dtype).name}{tuple(arr.shape)}, the model has "
-                                  f"{spec.dtype}{spec.shape}")
-        g, start = layout.offsets[spec.name]
-        groups[g][start : start + spec.size] = arr.asnumpy().reshape(-1)
-    return groups
+    """Sync and write a snapshot of ``strategy`` (collective: call on every rank; rank 0 writes, a failure is
+    raised on every rank). Returns the snapshot path on rank 0."""
+    files = dict(extra_files or {})
+    averaged = strategy.averager.averaged()
+    if averaged is not None:
+        files[PARAMS_FILE] = params_writer(averaged)
+    return strategy.averager.save(checkpoint_dir, epoch=epoch, stage=stage, extra_files=files,
+                                  extra_state=extra_state, keep=keep)
 
 
 def load_checkpoint(strategy: IterationAveragingStrategy, net: gluon.Block, checkpoint_dir: os.PathLike) -> Dict[str, Any]:
-    """Restore averaged model and strategy state on every rank (collective): rank 0 reads, then broadcasts.
+    """Restore averaged model and strategy progress on every rank (collective; any number of ranks).
 
-    Works on any number of ranks. Raises ``CheckpointError`` (a ``ValueError``) on every rank if the
-    checkpoint is missing, corrupted, of another format version or strategy, or for another model.
-    Returns the checkpoint's state record (epoch, extra, ...).
+    Raises ``CheckpointError`` (a ``ValueError``) on every rank if the checkpoint is missing, corrupted, of another
+    format version or strategy kind, or for another model. Returns the snapshot's state record.
     """
-    comm = strategy.comm
-    loaded: Dict[str, Any] = {}
-
-    def read() -> Dict[str, Any]:
-        snap, state = read_snapshot(checkpoint_dir)
-        loaded["snap"] = snap
-        return state
-
-    state = collectives.run_on_root(comm, read, "reading the checkpoint")
-    state = collectives.broadcast_json(comm, state)
-    binding = strategy._bind(net, full_check=True)  # collective layout check on first bind
-    if "layout" in state and state["layout"] != binding.layout.describe():
-        raise CheckpointError(f"checkpoint {checkpoint_dir} is for another model: "
-                              f"{_first_diff(state['layout'], binding.layout.describe())}")
-    try:
-        strategy.load_state_dict(state["strategy"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: {exc}") from exc
-    if state.get("has_average"):
-        st = strategy.averaged_state
-        assert st is not None
-
-        def read_params() -> None:
-            groups = load_params_file(loaded["snap"] / PARAMS_FILE, binding.layout, state.get("structural_names", {}))
-            st.load_flat(groups)
-            if fingerprint_hex(st.fingerprint()) != state.get("fingerprint"):
-                raise CheckpointError(f"{loaded['snap'] / PARAMS_FILE} does not match the fingerprint in its state file")
-
-        collectives.run_on_root(comm, read_params, "loading the averaged model")
-        collectives.broadcast_average(comm, st)
-    strategy._dirty = False
-    return state
-
-
-def _first_diff(a: list, b: list) -> str:
-    for x, y in zip(a, b):
-        if x != y:
-            return f"checkpoint has {x[0]!r} {tuple(x[1])} {x[2]}, the model has {y[0]!r} {tuple(y[1])} {y[2]}"
-    return f"checkpoint has {len(a)} tensors, the model has {len(b)}"
+    return strategy.averager.load(checkpoint_dir, strategy.bind(net), legacy_reader=legacy_reader)

@@ -21,21 +21,18 @@ The numbers are GluonTS's: the same trigger decisions and ``a += alpha * (x - a)
 from __future__ import annotations
 
 import contextlib
-import logging
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from .. import collectives
-from ..comm import Communicator, resolve_comm
+from ..comm import Communicator
 from ..core.averaged import AveragedState
-from ..core.schedules import AlphaSuffixSchedule, NTASchedule, Schedule
+from ..core.engine import Averager
+from ..core.schedules import AlphaSuffixSchedule, NTASchedule, Schedule, check_eta
 from ._binding import ModelBinding
 from ._ndarray import flat_allocator
-
-logger = logging.getLogger("iteravg")
 
 __all__ = ["IterationAveragingStrategy", "NTA", "Alpha_Suffix"]
 
@@ -47,6 +44,9 @@ class IterationAveragingStrategy:
     ``eta = 0`` is the plain mean. This base class has no trigger of its own (``update_average_trigger``
     raises ``NotImplementedError``, as in GluonTS); set ``averaging_started = True`` to average every
     iterate, or use ``NTA`` / ``Alpha_Suffix``.
+
+    The work is done by ``averager`` (``iteravg.Averager``, framework-neutral); this class translates GluonTS's
+    names and Gluon blocks onto it.
     """
 
     def __init__(
@@ -58,34 +58,35 @@ class IterationAveragingStrategy:
         sync: str = "mean",
         sync_every_batches: int = 0,
     ) -> None:
-        self._init(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches)
+        self._setup(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches)
 
-    def _init(self, schedule: Schedule, comm: Any, metric_reduce: str, sync: str, sync_every_batches: int) -> None:
-        if metric_reduce not in collectives.METRIC_REDUCTIONS:
-            raise ValueError(
-                f"metric_reduce must be one of {', '.join(collectives.METRIC_REDUCTIONS)}, got {metric_reduce!r}"
-            )
-        if sync not in ("mean", "broadcast"):
-            raise ValueError(f"sync must be 'mean' or 'broadcast', got {sync!r}")
-        if isinstance(sync_every_batches, bool) or not isinstance(sync_every_batches, int) or sync_every_batches < 0:
-            raise ValueError(f"sync_every_batches must be an integer >= 0, got {sync_every_batches!r}")
-        self.schedule = schedule
-        self.comm: Communicator = resolve_comm(comm)
-        self.metric_reduce = metric_reduce
-        self.sync = sync
-        self.sync_every_batches = sync_every_batches
+    def _setup(self, schedule: Schedule, comm: Any, metric_reduce: str, sync: str, sync_every_batches: int) -> None:
+        self.averager = Averager(schedule, comm, metric_reduce=metric_reduce, sync=sync,
+                                 sync_every_batches=sync_every_batches, alloc=flat_allocator)
         self._binding: Optional[ModelBinding] = None
-        self._state: Optional[AveragedState] = None
-        self._cache: Optional[List[np.ndarray]] = None  # flat per-dtype copy of the training weights
-        self._cache_nd: List[Any] = []
-        self._layout_checked = False
-        self._dirty = False  # update_average was called since the last sync (same on every rank)
-        self._since_sync = 0
+        self._named: Dict[tuple, Dict[str, mx.nd.NDArray]] = {}  # NDArray views per buffer set, built once
+        self._averaged_view = _LiveArrays(self._averaged_arrays)
+        self._cached_view = _LiveArrays(self._cached_arrays)
 
-    # -- GluonTS's attributes --------------------------------------------------------------------
+    # -- configuration ---------------------------------------------------------------------------
+    schedule = property(lambda self: self.averager.schedule)
+    comm = property(lambda self: self.averager.comm)
+    metric_reduce = property(lambda self: self.averager.metric_reduce)
+    sync = property(lambda self: self.averager.sync_mode)
+    sync_every_batches = property(lambda self: self.averager.sync_every_batches)
+
+    def __repr__(self) -> str:
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.schedule.config().items())
+        return f"{type(self).__name__}({cfg})"
+
+    # -- GluonTS's attributes (assignable where GluonTS's are) -----------------------------------
     @property
     def eta(self) -> float:
         return self.schedule.eta
+
+    @eta.setter
+    def eta(self, value: float) -> None:
+        self.schedule.eta = check_eta(value)
 
     @property
     def average_counter(self) -> int:
@@ -104,175 +105,168 @@ class IterationAveragingStrategy:
         self.schedule.averaging_started = bool(value)
 
     @property
-    def averaged_model(self) -> Optional[Dict[str, mx.nd.NDArray]]:
-        """name -> NDArray (keyed like ``collect_params()``), or ``None`` before the first fold.
+    def averaged_model(self) -> Optional[Mapping[str, mx.nd.NDArray]]:
+        """name -> NDArray (keyed like ``collect_params()``), or ``None`` before the first fold. O(1).
 
-        The arrays are views of the averaged state (no copy); they stay valid until the next fold.
+        A held mapping stays current, as GluonTS's dict does: each lookup returns a view of the average as it is
+        now. (An NDArray looked up earlier is a view valid until the next fold.)
         """
-        if self._state is None or self.schedule.average_counter == 0:
-            return None
-        return self._named_arrays(self._state_groups_nd())
+        return self._averaged_view if self.averager.has_average else None
+
+    @averaged_model.setter
+    def averaged_model(self, value: Optional[Mapping[str, Any]]) -> None:
+        """``None`` forgets the average (the next fold copies the iterate, as in GluonTS); a dict replaces it."""
+        if value is None:
+            self.averager.reset()
+            return
+        binding = self._require_binding("averaged_model")
+        arrays = {binding.structural[k]: _to_numpy(v) for k, v in value.items()}
+        self.averager.load_state_dict(dict(self.averager.state_dict(), has_average=True), tensors=arrays)
 
     @property
-    def cached_model(self) -> Optional[Dict[str, mx.nd.NDArray]]:
+    def cached_model(self) -> Optional[Mapping[str, mx.nd.NDArray]]:
         """The training weights saved by the last ``load_averaged_model``, or ``None``."""
-        if self._cache is None:
-            return None
-        return self._named_arrays(self._cache_nd)
+        return self._cached_view if self.averager.cached() is not None else None
 
-    def _state_groups_nd(self) -> List[Any]:
-        assert self._state is not None
-        return [self._state.native(g) for g in range(len(self._state.layout.groups))]
-
-    def _named_arrays(self, groups: List[Any]) -> Dict[str, mx.nd.NDArray]:
-        assert self._binding is not None
-        out = {}
-        for name, spec in zip(self._binding.param_names, self._binding.layout.specs):  # GluonTS's keys
-            g, start = self._binding.layout.offsets[spec.name]
-            out[name] = groups[g][start : start + spec.size].reshape(spec.shape)
-        return out
+    @cached_model.setter
+    def cached_model(self, value: Optional[Mapping[str, Any]]) -> None:
+        if value is not None:
+            raise ValueError("cached_model can only be reset to None (load_averaged_model fills it)")
+        self.averager.drop_cache()
 
     # -- GluonTS's methods -----------------------------------------------------------------------
     def update_average_trigger(self, metric: Any = None, epoch: int = 0, **kwargs: Any) -> None:
         """Decide whether averaging starts. Distributed: the metric is first reduced across ranks."""
-        if self.schedule.needs_metric(epoch):
-            metric = collectives.consensus_metric(self.comm, metric, self.metric_reduce)
-        self.schedule.update_trigger(metric, epoch)
+        self.averager.update_trigger(metric, epoch)
 
-    def apply(self, model: gluon.Block) -> Optional[Dict[str, mx.nd.NDArray]]:
-        """Fold ``model``'s current iterate if averaging has started; returns the averaged model."""
-        self._apply(model)
+    def apply(self, model: gluon.Block) -> Optional[Mapping[str, mx.nd.NDArray]]:
+        """Fold ``model``'s current iterate if averaging has started; returns the averaged model. O(1) calls."""
+        self.averager.step(self._source(model))
         return self.averaged_model
 
-    def _apply(self, model: gluon.Block) -> None:
-        """``apply`` without building the returned dict: O(1) Python calls per step (plus O(P/bucket))."""
-        if self.schedule.averaging_started:
-            self.update_average(model)
-
-    def update_average(self, model: gluon.Block) -> None:
+    def update_average(self, model: gluon.Block, *, check_arrays: bool = False) -> None:
         """Fold the current iterate: the first is copied, later ones weighted by ``(eta+1)/(eta+k)``.
 
-        An iterate with a NaN or inf anywhere is refused (the average and the counter stay unchanged) and a
-        warning is logged: one diverged step must not poison the average.
+        An iterate with a NaN or inf anywhere is refused (average and counter unchanged, a warning logged).
+        ``check_arrays`` also checks that the model's parameter arrays were not replaced (O(tensors)).
         """
-        binding = self._bind(model, full_check=False)
-        assert self._state is not None
-        result = self._state.fold(binding.plan(), binding.fold_weight(self.schedule.peek_weight()))
-        # Sync bookkeeping counts attempts, not successful folds: it decides when collectives run, so it must
-        # be the same on every rank even if one rank refused an iterate.
-        self._dirty = True
-        self._since_sync += 1
-        if result.folded:
-            self.schedule.next_weight()
-        else:
-            logger.warning(
-                "iteravg: the model holds NaN or inf values; this iterate was not folded into the average "
-                "(refused so far: %d)", self._state.refused_nonfinite,
-            )
-        if self.sync_every_batches and self._since_sync >= self.sync_every_batches:
-            self.sync_average()
+        self.averager.fold(self._source(model, check_arrays))
 
-    def load_averaged_model(self, model: gluon.Block) -> None:
-        """Save the training weights, then put the averaged weights into ``model`` (for validation / at the end).
+    def load_averaged_model(self, model: gluon.Block, *, sync: bool = True) -> None:
+        """Save the training weights, then put the averaged weights into ``model`` (validation, train end).
 
-        Distributed: the average is synced first, so every rank loads the same, bitwise-identical weights.
+        ``sync=True``: the average is synced first (a collective: call it on every rank), so every rank loads the
+        same bits. For validation on rank 0 only (``if hvd.rank() == 0: ...``) pass ``sync=False``: no collective,
+        rank 0 loads its average as of the last sync (every epoch end syncs).
         """
-        if self._state is None:  # replicated: the state exists once any rank attempted a fold
-            return
-        binding = self._bind(model, full_check=True)
-        # Decided together, so that whether the sync runs never depends on per-rank batch counts; afterwards
-        # the counter is the maximum over ranks, so the early return below is taken on all ranks or none.
-        self.sync_average(decide_together=True)
-        if self.schedule.average_counter == 0:  # every iterate so far was refused: nothing to load
-            return
-        if self._cache is None:
-            pairs = [flat_allocator(n, np.dtype(dt)) for dt, n in zip(binding.layout.groups, binding.layout.group_sizes)]
-            self._cache = [p[0] for p in pairs]
-            self._cache_nd = [p[1] for p in pairs]
-        binding.read(self._cache)
-        binding.write([self._state.current(g) for g in range(len(binding.layout.groups))])
+        self.averager.load_averaged(self._source(model, True), sync=sync)
 
     def load_cached_model(self, model: gluon.Block) -> None:
         """Put the weights saved by ``load_averaged_model`` back (no-op if nothing was cached)."""
-        if self._cache is None:
-            return
-        self._bind(model, full_check=True).write(self._cache)
+        if self.averager.cached() is not None:
+            self.averager.restore_training(self._source(model, True))
 
     @contextlib.contextmanager
-    def averaged_weights(self, model: gluon.Block) -> Iterator[gluon.Block]:
+    def averaged_weights(self, model: gluon.Block, *, sync: bool = True) -> Iterator[gluon.Block]:
         """``with strategy.averaged_weights(net): evaluate(net)`` -- the averaged weights inside, the training
-        weights restored on exit even if the body raises (collective on entry, like ``load_averaged_model``)."""
-        self.load_averaged_model(model)
-        try:
+        weights restored on exit even if the body raises. ``sync`` as in ``load_averaged_model``."""
+        with self.averager.swapped(self._source(model, True), sync=sync):
             yield model
-        finally:
-            self.load_cached_model(model)
 
     # -- distribution ----------------------------------------------------------------------------
-    def sync_average(self, decide_together: bool = False) -> None:
-        """Make the averaged model bitwise identical on all ranks (collective; no-op on one rank).
+    def sync_average(self) -> None:
+        """Make the averaged model bitwise identical on all ranks (collective: call it on every rank alike)."""
+        self.averager.sync()
 
-        Call it on every rank at the same point. Skipped when no fold was attempted since the last sync --
-        a per-rank fact, so the hooks pass ``decide_together=True``: one tiny collective first tells every
-        rank whether *any* rank folded, and all skip or all sync, whatever each rank's batch count was.
-        (Syncing unchanged buffers is not harmless: a mean over 3 ranks can change the last bit.)
-        """
-        if self._state is None:
-            return
-        dirty = self._dirty
-        if decide_together:
-            dirty = collectives.any_rank(self.comm, dirty)
-        if not dirty:
-            return
-        self.schedule.average_counter = collectives.sync_average(
-            self.comm, self._state, self.schedule.average_counter, mode=self.sync
-        )
-        self._dirty = False
-        self._since_sync = 0
-
-    def _bind(self, model: gluon.Block, full_check: bool) -> ModelBinding:
-        """Bind ``model`` once; re-bind (same layout required) if its parameter arrays were replaced.
-
-        Per step only ``model is bound`` is checked (O(1)); ``full_check`` also compares the arrays (O(tensors)),
-        which the epoch-level hooks do.
-        """
-        b = self._binding
-        if b is not None and model is b.net and (not full_check or b.matches(model)):
-            return b
-        new = ModelBinding(model)
-        if not self._layout_checked:
-            collectives.check_same_layout(self.comm, new.layout)
-            self._layout_checked = True
-        if self._state is None:
-            self._state = AveragedState(new.layout, alloc=flat_allocator)
-        elif new.layout != self._state.layout:
-            raise ValueError(
-                "the model's parameters changed (names, shapes or dtypes) since averaging began; "
-                "an averaging strategy follows one network -- create a new strategy for a new network"
-            )
-        self._binding = new
-        return new
+    def finalize(self, model: gluon.Block) -> bool:
+        """Train end: the synced average into ``model``; without one, every rank gets rank 0's weights (warned)."""
+        return self.averager.finalize(self._source(model, True))
 
     # -- persistence -----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """The strategy's replicated state (counter, started flag, NTA logs) as JSON-able data."""
-        state = self.schedule.state_dict()
-        state["refused_nonfinite"] = 0 if self._state is None else self._state.refused_nonfinite
-        return state
+        """The averager's replicated progress (schedule, counters, layout) as JSON-able data."""
+        return self.averager.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state)
-        if self._state is not None:
-            self._state.refused_nonfinite = int(state.get("refused_nonfinite", 0))
+        self.averager.load_state_dict(state)
 
     @property
     def averaged_state(self) -> Optional[AveragedState]:
         """The framework-neutral averaged state (flat buffers), or ``None`` before the first fold."""
-        return self._state
+        return self.averager.state
 
     @property
     def binding(self) -> Optional[ModelBinding]:
         return self._binding
+
+    def bind(self, model: gluon.Block) -> ModelBinding:
+        """Bind ``model`` now (collective on first use: ranks check they hold the same model)."""
+        return self._source(model, True)
+
+    # -- internals -------------------------------------------------------------------------------
+    def _source(self, model: gluon.Block, check_arrays: bool = False) -> ModelBinding:
+        """The binding of ``model``: per step only ``model is bound`` is checked (O(1)); ``check_arrays`` also
+        compares the parameter arrays (O(tensors)) and re-binds if they were replaced."""
+        b = self._binding
+        if b is None or model is not b.net or (check_arrays and not b.matches(model)):
+            b = ModelBinding(model)
+            self.averager.bind(b)
+            self._binding = b
+            self._named.clear()
+        return b
+
+    def _require_binding(self, what: str) -> ModelBinding:
+        if self._binding is None:
+            raise ValueError(f"{what} can be assigned once the strategy has seen the model (after a fold)")
+        return self._binding
+
+    def _named_views(self, natives: List[Any]) -> Dict[str, mx.nd.NDArray]:
+        key = tuple(id(n) for n in natives)
+        named = self._named.get(key)
+        if named is None:
+            binding = self._binding
+            assert binding is not None
+            named = {}
+            for pname, spec in zip(binding.param_names, binding.layout.specs):
+                g, start = binding.layout.offsets[spec.name]
+                named[pname] = natives[g][start : start + spec.size].reshape(spec.shape)
+            if len(self._named) > 4:
+                self._named.clear()
+            self._named[key] = named
+        return named
+
+    def _averaged_arrays(self) -> Dict[str, mx.nd.NDArray]:
+        state = self.averager.state
+        assert state is not None
+        return self._named_views([state.native(g) for g in range(len(state.layout.groups))])
+
+    def _cached_arrays(self) -> Dict[str, mx.nd.NDArray]:
+        cache = self.averager.cached()
+        assert cache is not None
+        return self._named_views([c[1] for c in cache])
+
+
+class _LiveArrays(Mapping):
+    """A read-only mapping that resolves every lookup against the current buffers (so a held one stays current)."""
+
+    def __init__(self, resolve: Callable[[], Dict[str, mx.nd.NDArray]]) -> None:
+        self._resolve = resolve
+
+    def __getitem__(self, key: str) -> mx.nd.NDArray:
+        return self._resolve()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._resolve())
+
+    def __len__(self) -> int:
+        return len(self._resolve())
+
+    def __repr__(self) -> str:
+        return f"<averaged model: {len(self)} tensors>"
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    return value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
 
 
 class NTA(IterationAveragingStrategy):
@@ -300,7 +294,7 @@ class NTA(IterationAveragingStrategy):
     ) -> None:
         schedule = NTASchedule(epochs, n=n, maximize=maximize, last_n_trigger=last_n_trigger, eta=eta,
                                fallback_alpha=fallback_alpha)
-        self._init(schedule, comm, metric_reduce, sync, sync_every_batches)
+        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches)
 
     n = property(lambda self: self.schedule.n)
     maximize = property(lambda self: self.schedule.maximize)
@@ -323,6 +317,6 @@ class Alpha_Suffix(IterationAveragingStrategy):  # noqa: N801 -- GluonTS's name
         sync: str = "mean",
         sync_every_batches: int = 0,
     ) -> None:
-        self._init(AlphaSuffixSchedule(epochs, alpha=alpha, eta=eta), comm, metric_reduce, sync, sync_every_batches)
+        self._setup(AlphaSuffixSchedule(epochs, alpha=alpha, eta=eta), comm, metric_reduce, sync, sync_every_batches)
 
     alpha_suffix = property(lambda self: self.schedule.alpha_suffix)

@@ -28,11 +28,13 @@ deterministic for a fixed thread count -- set ``OMP_NUM_THREADS`` (the CLI and t
 exactly what the uninterrupted run did, **on the same number of ranks**; on another number of ranks the shards
 (and the gradient reduction) differ, so the continuation is a valid but different run.
 
-Resume: each snapshot written by ``ModelIterationAveraging`` (rank 0) also holds ``training.params`` (the last
-iterate, by structural parameter name), ``optimizer.params`` (SGD momentum buffers) and JSON extras (epochs
-done, optimizer update counts, learning rate and batch settings, per-epoch loss history), via the callback's
-``checkpoint_extras`` hook. ``fit(..., resume_from=dir)`` makes rank 0 read them and broadcasts them to every
-rank. Nothing is pickled.
+Checkpoints (Lightning's division of labour: the loop owns the files, callbacks own their state): with
+``checkpoint_dir``, rank 0 writes one snapshot per epoch (and one at train end if the last epoch has none)
+holding ``training.params`` (the last iterate, by structural parameter name), ``optimizer.params`` (SGD momentum
+buffers), JSON training state (epochs done, optimizer update counts, learning rate and batch settings, per-epoch
+loss history) and the averaging callback's ``snapshot_contents`` (``averaged.safetensors``, ``averaged.params``,
+its state). ``fit(..., resume_from=dir)`` makes rank 0 read them and broadcasts them to every rank; the
+averaging callback restores itself with ``restore``. Nothing is pickled.
 
 Testing switch: ``ITERAVG_STOP_AFTER_EPOCH=k`` raises ``StoppedEarly`` on every rank right after epoch k's hooks
 (so after its checkpoint was written), to simulate a kill for resume tests.
@@ -51,7 +53,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from ... import collectives
+from ... import checkpoint, collectives
 from ...checkpoint import CheckpointError, read_snapshot
 from ...comm import Communicator
 from .._ndarray import numpy_view
@@ -74,6 +76,8 @@ class FitResult:
     resumed_from: Optional[int] = None
     #: True if a callback hook returned False (training stopped before ``epochs``).
     stopped_by_callback: bool = False
+    #: The loop's checkpoint writer (``fit(checkpoint_dir=...)``), used again by ``finish_training``.
+    snapshots: Optional["TrainingSnapshots"] = field(default=None, repr=False, compare=False)
 
 
 def stop_after_epoch() -> int:
@@ -165,9 +169,22 @@ class Fitter:
             out.append(upd.states[i])
         return out
 
-    def extras(self, result: FitResult, config: Dict[str, Any]) -> "_Extras":
-        """The ``checkpoint_extras`` function: last iterate, momentum and history for each snapshot."""
-        return _Extras(self, result, config)
+    def training_files(self, last_iterate: Optional[Dict[str, mx.nd.NDArray]] = None) -> Dict[str, Any]:
+        """Writers of the training state's files: the last iterate (``last_iterate`` if the network holds other
+        weights, e.g. the average at train end) and the momentum buffers."""
+        mx.nd.waitall()
+        params = last_iterate if last_iterate is not None else \
+            {self._structural[id(p)]: p.data() for p in self._all_params}
+        momentum = {f"m{i}": s for i, s in enumerate(self._momentum(create=True)) if s is not None}
+        return {TRAINING_FILE: lambda path: mx.nd.save(str(path), params),
+                OPTIMIZER_FILE: lambda path: mx.nd.save(str(path), momentum)}
+
+    def training_record(self, result: FitResult, config: Dict[str, Any]) -> Dict[str, Any]:
+        opt = self.trainer._optimizer
+        return {"epochs_done": result.epochs_done, "history": list(result.history),
+                "num_update": int(opt.num_update), "learning_rate": float(opt.learning_rate),
+                "index_update_count": {str(k): int(v) for k, v in opt._index_update_count.items()},
+                "config": dict(config)}
 
     def restore(self, checkpoint_dir: os.PathLike, config: Dict[str, Any]) -> Dict[str, Any]:
         """Restore last iterate, momentum and history from the latest snapshot on every rank (collective).
@@ -242,33 +259,58 @@ class Fitter:
         return float(loss.sum().asscalar())
 
 
-class _Extras:
-    """``ModelIterationAveraging.checkpoint_extras`` for ``fit``: (files, JSON state) added to each snapshot.
+class TrainingSnapshots:
+    """The loop's checkpoints: rank 0 writes training state and the averaging callback's files in one snapshot."""
 
-    After ``on_train_end`` the network holds the averaged weights; the snapshot written then must still record
-    the last iterate, which the strategy has cached (``last_iterate_cached_by``, set by ``finish_training``).
-    """
+    def __init__(self, fitter: Fitter, result: FitResult, config: Dict[str, Any], callbacks: Sequence[Any],
+                 directory: os.PathLike, keep: int) -> None:
+        from ..callback import ModelIterationAveraging  # noqa: WPS433
 
-    def __init__(self, fitter: Fitter, result: FitResult, config: Dict[str, Any]) -> None:
+        averaging = [cb for cb in callbacks if isinstance(cb, ModelIterationAveraging)]
+        if len(averaging) > 1:
+            raise ValueError("fit(checkpoint_dir=...) stores one ModelIterationAveraging callback's state; got "
+                             f"{len(averaging)}")
+        if averaging and averaging[0].checkpoint_dir is not None:
+            raise ValueError("fit(checkpoint_dir=...) writes the averaging state itself: construct "
+                             "ModelIterationAveraging without checkpoint_dir")
         self.fitter, self.result, self.config = fitter, result, config
-        self.last_iterate_cached_by: Any = None
+        self.averaging = averaging[0] if averaging else None
+        self.directory, self.keep = os.fspath(directory), keep
+        self.last_epoch: Optional[int] = None
 
-    def __call__(self) -> tuple:
-        f = self.fitter
-        mx.nd.waitall()
-        params = {f._structural[id(p)]: p.data() for p in f._all_params}
-        strategy = self.last_iterate_cached_by
-        if strategy is not None and strategy.cached_model is not None:
-            params = {strategy.binding.structural[k]: v for k, v in strategy.cached_model.items()}
-        momentum = {f"m{i}": s for i, s in enumerate(f._momentum(create=True)) if s is not None}
-        files = {TRAINING_FILE: lambda path: mx.nd.save(str(path), params),
-                 OPTIMIZER_FILE: lambda path: mx.nd.save(str(path), momentum)}
-        opt = f.trainer._optimizer
-        state = {"training": {"epochs_done": self.result.epochs_done, "history": list(self.result.history),
-                              "num_update": int(opt.num_update), "learning_rate": float(opt.learning_rate),
-                              "index_update_count": {str(k): int(v) for k, v in opt._index_update_count.items()},
-                              "config": dict(self.config)}}
-        return files, state
+    def check_writable(self) -> None:
+        collectives.run_on_root(self.fitter.comm, lambda: checkpoint.check_writable(self.directory),
+                                f"checking that the checkpoint directory {self.directory!r} is writable")
+
+    def write(self, stage: str, last_iterate: Optional[Dict[str, mx.nd.NDArray]] = None) -> None:
+        """Collective: the average is synced (agreed), then rank 0 writes; a failure is raised on every rank."""
+        epoch = self.result.epochs_done
+        with collectives.phase(f"checkpoint ({stage})"):
+            if self.averaging is not None:
+                self.averaging.avg_strategy.sync_average()
+
+            def write() -> None:
+                files, record = self.averaging.snapshot_contents() if self.averaging is not None else ({}, {})
+                files.update(self.fitter.training_files(last_iterate))
+                record.update(epoch=epoch, stage=stage, world_size=self.fitter.comm.size, comm=self.fitter.comm.name,
+                              extra={"training": self.fitter.training_record(self.result, self.config)})
+                checkpoint.write_snapshot(self.directory, f"epoch-{epoch:06d}", record, files, keep=self.keep)
+
+            collectives.run_on_root(self.fitter.comm, write, f"writing the checkpoint to {self.directory!r}")
+        self.last_epoch = epoch
+
+    def write_final(self, net: gluon.Block) -> None:
+        """After ``on_train_end``: a snapshot only if the last epoch has none; the network may now hold the
+        average, so the last iterate comes from the averaging strategy's swap cache."""
+        if self.last_epoch == self.result.epochs_done:
+            return
+        last = None
+        if self.averaging is not None and self.averaging.avg_strategy.averager.has_average:
+            strategy = self.averaging.avg_strategy
+            cached = strategy.cached_model
+            if cached is not None and strategy.binding is not None:
+                last = {strategy.binding.structural[k]: cached[k] for k in strategy.binding.param_names}
+        self.write("train_end", last)
 
 
 def _ensure_initialized(net: gluon.Block, x: np.ndarray) -> None:
@@ -294,6 +336,8 @@ def fit(
     momentum: float = 0.9,
     seed: int = 0,
     resume_from: Optional[os.PathLike] = None,
+    checkpoint_dir: Optional[os.PathLike] = None,
+    keep_checkpoints: int = 2,
     on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> FitResult:
     """Train ``net`` (initialised, one forward done) data-parallel across ``comm``'s ranks, calling hooks.
@@ -312,13 +356,16 @@ def fit(
     fitter.broadcast_parameters()
     result = FitResult()
     config = {"learning_rate": learning_rate, "momentum": momentum, "batch_size": batch_size, "seed": seed}
-    for cb in callbacks:
-        if isinstance(cb, ModelIterationAveraging):
-            cb.checkpoint_extras = fitter.extras(result, config)
+    if checkpoint_dir is not None:
+        result.snapshots = TrainingSnapshots(fitter, result, config, callbacks, checkpoint_dir, keep_checkpoints)
+        result.snapshots.check_writable()
     if resume_from is not None:
         training = fitter.restore(resume_from, config)
         result.history.extend(training["history"])
         result.epochs_done = result.resumed_from = int(training["epochs_done"])
+        for cb in callbacks:
+            if isinstance(cb, ModelIterationAveraging) and cb.checkpoint_dir is None:
+                cb.restore(resume_from, net)
 
     def call(hook: str, **kwargs: Any) -> List[Any]:
         return [getattr(cb, hook)(**kwargs) for cb in callbacks]
@@ -367,6 +414,8 @@ def fit(
                                                     best_epoch_info=best, ctx=mx.cpu())))
         if on_epoch is not None:
             on_epoch(row)
+        if result.snapshots is not None:  # after on_epoch: the row it completes is part of the snapshot
+            result.snapshots.write("epoch_end")
         if stop_after and epoch + 1 == stop_after:
             raise StoppedEarly(f"stopped after epoch {epoch + 1} ({STOP_ENV}={stop_after})")
         if not go_on or halted > 0:
@@ -376,16 +425,17 @@ def fit(
     return result
 
 
-def finish_training(net: gluon.Block, callbacks: Sequence[Any], temporary_dir: Optional[str] = None) -> None:
-    """GluonTS's last hook: ``on_train_end`` (iteravg's loads the averaged model into ``net``).
+def finish_training(net: gluon.Block, callbacks: Sequence[Any], temporary_dir: Optional[str] = None,
+                    result: Optional[FitResult] = None) -> None:
+    """GluonTS's last hook: ``on_train_end`` (iteravg's loads the averaged model into ``net``), then, with
+    ``result`` of ``fit(checkpoint_dir=...)``, a final snapshot if the last epoch has none.
 
     Call it on every rank after ``fit``; then ``collectives.finish(comm)`` before the process may exit.
     """
     for cb in callbacks:
-        extras = getattr(cb, "checkpoint_extras", None)
-        if isinstance(extras, _Extras):  # a snapshot written by on_train_end must record the last iterate
-            extras.last_iterate_cached_by = cb.avg_strategy
         cb.on_train_end(training_network=net, temporary_dir=temporary_dir, ctx=mx.cpu())
+    if result is not None and result.snapshots is not None:
+        result.snapshots.write_final(net)
 
 
 def _holds_average(callbacks: Sequence[Any]) -> bool:
