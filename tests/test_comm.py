@@ -57,3 +57,49 @@ def test_plain_mpirun_picks_horovod_when_built(tmp_path):
     run(mpirun(2, ["tests/multirank/worker_sync.py", str(tmp_path)]), timeout=180)
     infos = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [i["comm"] for i in infos] == ["horovod", "horovod"] and infos[0]["size"] == 2
+
+
+# -- the fingerprint that checks ranks hold the same bits -------------------------------------------
+FP_CODE = ("import numpy as np; from iteravg.core.averaged import fingerprint; from iteravg.core import _kernel as k; "
+           "rng = np.random.default_rng(5); a = rng.standard_normal(100003).astype(np.float32); "
+           "h = rng.standard_normal(77).astype(np.float16); d = rng.standard_normal(9); "
+           "b = a.copy(); s = k.scale_and_word_sums(b, 1 / 3); "
+           "print(k.KERNELS is not None, *fingerprint([a, h, d]), *fingerprint([b], [s]), b.tobytes().hex()[:64])")
+
+
+def test_fingerprint_is_the_same_with_and_without_the_c_kernel():
+    from iteravg.core import _kernel
+
+    assert _kernel.KERNELS is not None, "the C kernel should be built in this environment"
+    with_k = subprocess.run([sys.executable, "-c", FP_CODE], capture_output=True, text=True, timeout=120, check=True)
+    without = subprocess.run([sys.executable, "-c", FP_CODE], capture_output=True, text=True, timeout=120, check=True,
+                             env=dict(__import__("os").environ, ITERAVG_NO_KERNEL="1"))
+    a, b = with_k.stdout.split(), without.stdout.split()
+    assert (a[0], b[0]) == ("True", "False")
+    assert a[1:] == b[1:]
+
+
+def test_fingerprint_sees_every_bit_and_every_position():
+    import numpy as np
+
+    from iteravg.core.averaged import fingerprint
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal(4099).astype(np.float32)
+    base = fingerprint([big]).tobytes()
+    swapped = big.copy()
+    swapped[[10, 3001]] = swapped[[3001, 10]]  # a permutation inside the buffer: same multiset of words
+    assert fingerprint([swapped]).tobytes() != base
+    pair = big.copy()
+    pair[[0, 1]] = pair[[1, 0]]  # the two halves of one 8-byte word
+    assert fingerprint([pair]).tobytes() != base
+    assert fingerprint([big[:2049], big[2049:]]).tobytes() != fingerprint([big[2049:], big[:2049]]).tobytes()
+    small = rng.standard_normal(7).astype(np.float16)  # 14 bytes: one word and a 6-byte tail
+    seen = {fingerprint([small]).tobytes()}
+    raw = small.view(np.uint8)
+    for byte in range(raw.size):
+        for bit in range(8):
+            flipped = raw.copy()
+            flipped[byte] ^= 1 << bit
+            seen.add(fingerprint([flipped.view(np.float16)]).tobytes())
+    assert len(seen) == 1 + 8 * raw.size, "some single-bit flip left the fingerprint unchanged"
