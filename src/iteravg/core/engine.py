@@ -291,6 +291,7 @@ class Averager:
         averaging runs) and a sync. ``epoch`` defaults to the number of ``epoch_end`` calls so far. Returns
         whether averaging has started."""
         self._epochs_done = self._epochs_done + 1 if epoch is None else int(epoch)
+        self.bind(params)  # the first epoch end checks that all ranks hold the same model, averaging or not
         self.update_trigger(metric, self._epochs_done)
         if fold and self.schedule.averaging_started:
             self.fold(params)

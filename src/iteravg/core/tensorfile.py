@@ -40,7 +40,7 @@ def save_tensors(path: os.PathLike, tensors: Mapping[str, np.ndarray], metadata:
         dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
         if dt.name not in _TO_ST:
             raise TensorFileError(f"tensor {name!r} has dtype {a.dtype}, which iteravg does not store")
-        a = np.ascontiguousarray(a, dtype=dt)
+        a = np.require(a, dtype=dt, requirements="C")  # keeps 0-d scalars 0-d (ascontiguousarray would not)
         header[name] = {"dtype": _TO_ST[dt.name], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
         arrays.append(a)
