@@ -3,7 +3,12 @@
 The bound: a fold reads the iterate and the average and writes the average, 3 x 4 bytes per float32
 parameter, at the bandwidth of a large numpy copy measured in the same run.
 
-    python benchmarks/bench_update.py            # all three model shapes
+Per model it times, on the same network: iteravg's ``update_average`` and ``apply`` (the GluonTS-style call that
+also returns ``averaged_model``), GluonTS's ``update_average`` / ``apply``, and iteravg's oneDNN layout check
+alone (``ModelBinding.plan()``: wait for MXNet's engine, then every parameter back to the default layout in one
+C call -- or a ctypes loop with ``ITERAVG_NO_KERNEL=1``), which is part of every step.
+
+    python benchmarks/bench_update.py            # all model shapes
     python benchmarks/bench_update.py --quick    # fewer repetitions
 """
 
@@ -14,6 +19,7 @@ import json
 import os
 import time
 import warnings
+from typing import Callable, Optional
 
 warnings.filterwarnings("ignore")
 
@@ -21,18 +27,33 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from mxnet import autograd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
 import iteravg.mx as ours  # noqa: E402
+from iteravg.mx._binding import ModelBinding  # noqa: E402
 
 
-def make_net(layers: int, units: int) -> nn.HybridBlock:
+def dense_net(layers: int, units: int) -> nn.HybridBlock:
     net = nn.HybridSequential()
     with net.name_scope():
         for _ in range(layers):
             net.add(nn.Dense(units, in_units=units))
     net.initialize(mx.init.Uniform())
     net(mx.nd.ones((1, units)))
+    mx.nd.waitall()
+    return net
+
+
+def conv_net(layers: int, channels: int) -> nn.HybridBlock:
+    """A stack of 3x3 Conv2D: oneDNN reorders these weights in place on an inference forward."""
+    net = nn.HybridSequential()
+    with net.name_scope():
+        for _ in range(layers):
+            net.add(nn.Conv2D(channels, 3, padding=1, in_channels=channels))
+    net.initialize(mx.init.Uniform())
+    with autograd.record():  # a training-mode forward: weights stay in the default layout
+        net(mx.nd.ones((1, channels, 8, 8)))
     mx.nd.waitall()
     return net
 
@@ -49,36 +70,51 @@ def bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def time_steps(strategy, net, reps: int, warmup: int = 2) -> float:
-    strategy.averaging_started = True
-    for _ in range(warmup):  # the first fold is a copy; time the steady state
-        strategy.update_average(net)
+def median_time(fn: Callable[[], object], reps: int) -> float:
     times = []
     for _ in range(reps):
         mx.nd.waitall()
         t = time.perf_counter()
-        strategy.update_average(net)
+        fn()
         mx.nd.waitall()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
 
 
-def run_case(name: str, layers: int, units: int, bw: float, reps: int, gluonts_reps: int) -> dict:
-    net = make_net(layers, units)
-    n_params = sum(int(np.prod(p.shape)) for p in net.collect_params().values())
-    n_tensors = len(list(net.collect_params().keys()))
+def time_strategy(strategy, net, method: str, reps: int, warmup: int = 2) -> float:
+    strategy.averaging_started = True
+    call = getattr(strategy, method)
+    for _ in range(warmup):  # the first fold is a copy; time the steady state
+        call(net)
+    return median_time(lambda: call(net), reps)
+
+
+def gluonts_strategy() -> Optional[type]:
+    try:
+        from gluonts.mx.trainer.model_iteration_averaging import IterationAveragingStrategy as Ref
+    except ImportError:
+        return None
+    return Ref
+
+
+def run_case(name: str, net: nn.HybridBlock, bw: float, reps: int, gluonts_reps: int) -> dict:
+    params = list(net.collect_params().values())
+    n_params = sum(int(np.prod(p.shape)) for p in params)
     bound = 12 * n_params / bw
-    t_ours = time_steps(ours.IterationAveragingStrategy(), net, reps)
-    row = dict(case=name, tensors=n_tensors, params=n_params, bound_ms=bound * 1e3, iteravg_ms=t_ours * 1e3,
-               iteravg_over_bound=t_ours / bound)
-    if gluonts_reps:
-        try:
-            from gluonts.mx.trainer.model_iteration_averaging import IterationAveragingStrategy as Ref
-        except ImportError:
-            Ref = None
-        if Ref is not None:
-            t_ref = time_steps(Ref(), net, gluonts_reps, warmup=1)
-            row.update(gluonts_ms=t_ref * 1e3, speedup_vs_gluonts=t_ref / t_ours)
+    t_update = time_strategy(ours.IterationAveragingStrategy(), net, "update_average", reps)
+    t_apply = time_strategy(ours.IterationAveragingStrategy(), net, "apply", reps)
+    binding = ModelBinding(net)
+    binding.plan()
+    t_check = median_time(binding.plan, reps)
+    row = dict(case=name, tensors=len(params), params=n_params, bound_ms=bound * 1e3, update_ms=t_update * 1e3,
+               apply_ms=t_apply * 1e3, layout_check_ms=t_check * 1e3, update_over_bound=t_update / bound,
+               apply_over_bound=t_apply / bound)
+    Ref = gluonts_strategy()
+    if gluonts_reps and Ref is not None:
+        t_ref = time_strategy(Ref(), net, "update_average", gluonts_reps, warmup=1)
+        t_ref_apply = time_strategy(Ref(), net, "apply", gluonts_reps, warmup=1)
+        row.update(gluonts_update_ms=t_ref * 1e3, gluonts_apply_ms=t_ref_apply * 1e3,
+                   speedup_vs_gluonts=t_ref / t_update, apply_speedup_vs_gluonts=t_ref_apply / t_apply)
     return row
 
 
@@ -91,21 +127,25 @@ def main() -> None:
     bw = bandwidth()
     print(f"numpy copy bandwidth: {bw / 1e9:.2f} GB/s")
     cases = [
-        ("400 tensors, 13.2M params (200 x Dense(256))", 200, 256, 3),
-        ("2000 tiny tensors (1000 x Dense(8))", 1000, 8, 1),
-        ("8 huge tensors (4 x Dense(1800))", 4, 1800, 3),
+        ("400 tensors, 13.2M params (200 x Dense(256))", lambda: dense_net(200, 256), 3),
+        ("2000 tiny tensors (1000 x Dense(8))", lambda: dense_net(1000, 8), 1),
+        ("8 huge tensors (4 x Dense(1800))", lambda: dense_net(4, 1800), 3),
+        ("100 tensors, 1.8M params (50 x Conv2D(64, 3x3))", lambda: conv_net(50, 64), 3),
     ]
     rows = []
-    for name, layers, units, g_reps in cases:
-        row = run_case(name, layers, units, bw, reps, g_reps)
+    for name, build, g_reps in cases:
+        row = run_case(name, build(), bw, reps, g_reps)
         rows.append(row)
-        line = (f"{name}: iteravg {row['iteravg_ms']:.2f} ms = {row['iteravg_over_bound']:.2f}x bound "
-                f"({row['bound_ms']:.2f} ms)")
-        if "gluonts_ms" in row:
-            line += f"; GluonTS {row['gluonts_ms']:.1f} ms -> iteravg is {row['speedup_vs_gluonts']:.0f}x faster"
+        line = (f"{name}: bound {row['bound_ms']:.2f} ms | update_average {row['update_ms']:.2f} ms "
+                f"= {row['update_over_bound']:.2f}x bound | apply {row['apply_ms']:.2f} ms "
+                f"= {row['apply_over_bound']:.2f}x bound | layout check {row['layout_check_ms'] * 1e3:.0f} us")
+        if "gluonts_update_ms" in row:
+            line += (f" | GluonTS update {row['gluonts_update_ms']:.1f} ms, apply {row['gluonts_apply_ms']:.1f} ms"
+                     f" -> iteravg {row['speedup_vs_gluonts']:.0f}x / {row['apply_speedup_vs_gluonts']:.0f}x faster")
         print(line, flush=True)
     main_row = rows[0]
-    print(f"RATIOS: step/bound = {main_row['iteravg_over_bound']:.2f} (target <= 2.5), "
+    print(f"RATIOS: step/bound = {main_row['update_over_bound']:.2f} (target <= 2.5), "
+          f"apply/bound = {main_row['apply_over_bound']:.2f}, "
           f"GluonTS/iteravg = {main_row.get('speedup_vs_gluonts', float('nan')):.0f} (target >= 50)")
     if args.json:
         with open(args.json, "w") as f:

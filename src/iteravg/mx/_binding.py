@@ -129,7 +129,9 @@ class ModelBinding:
         if not self.fast:
             return FoldPlan(self.layout, [a.asnumpy() for a in self.arrays])
         if self._default is None:
-            self._default = DefaultLayout(self.arrays)
+            # oneDNN has no blocked layout for 1-d arrays (biases, BatchNorm statistics): only the others can be
+            # reordered, so only they are checked -- half the per-step check for Dense stacks.
+            self._default = DefaultLayout([a for a in self.arrays if len(a.shape) >= 2])
             self._plan = None
         elif self._default.refresh():
             self._default.adopt()
