@@ -200,9 +200,9 @@ def table(metrics: Dict[str, Dict[str, float]], *, trigger_epoch: Optional[int] 
     last, avg = metrics.get("last iterate", {}), metrics.get("averaged")
     same = avg is not None and all(avg.get(n) == last.get(n) for n in names)
     if average_counter <= 1 or same:
-        what = "only the last iterate" if average_counter <= 1 else f"only {average_counter} iterates"
-        lines.append(f"hint: the average holds {what}, too few to differ from the last iterate"
-                     + (f"; to average more, {more_averaging}" if more_averaging else ""))
+        what = ("only the last iterate, so both rows are the same" if average_counter <= 1
+                else f"only {average_counter} iterates, too few to differ from the last iterate")
+        lines.append(f"hint: the average holds {what}" + (f"; to average more, {more_averaging}" if more_averaging else ""))
     return "\n".join(lines)
 
 
