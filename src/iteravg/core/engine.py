@@ -375,7 +375,9 @@ class Averager:
             src = self.bind(params)
             state = self._state
             assert state is not None
-            if self.refused_nonfinite or self.schedule.averaging_started:
+            if self.comm.rank != 0:
+                pass  # said once, by rank 0
+            elif self.refused_nonfinite or self.schedule.averaging_started:
                 logger.warning(
                     "iteravg: no iterate could be averaged (%d refused because they held NaN or inf); the model is "
                     "%s's last iterate", self.refused_nonfinite,

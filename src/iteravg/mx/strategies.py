@@ -61,6 +61,7 @@ class IterationAveragingStrategy:
         self._setup(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches)
 
     def _setup(self, schedule: Schedule, comm: Any, metric_reduce: str, sync: str, sync_every_batches: int) -> None:
+        self._comm_arg = comm if comm is None or isinstance(comm, str) else None  # what serialises
         self.averager = Averager(schedule, comm, metric_reduce=metric_reduce, sync=sync,
                                  sync_every_batches=sync_every_batches, alloc=flat_allocator)
         self._binding: Optional[ModelBinding] = None
@@ -76,8 +77,19 @@ class IterationAveragingStrategy:
     sync_every_batches = property(lambda self: self.averager.sync_every_batches)
 
     def __repr__(self) -> str:
-        cfg = ", ".join(f"{k}={v!r}" for k, v in self.schedule.config().items())
-        return f"{type(self).__name__}({cfg})"
+        args, kwargs = self.__getnewargs_ex__()
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+    #: Constructor argument -> schedule attribute, in the constructor's order (``gluonts.core.serde``, ``repr``).
+    _ARGS: Dict[str, str] = {"eta": "eta"}
+
+    def __getnewargs_ex__(self) -> tuple:
+        """The constructor arguments, so ``gluonts.core.serde`` can serialise an estimator whose trainer holds this
+        strategy (GluonTS's ``@validated`` classes serialise this way). A communicator object is not serialised."""
+        kwargs: Dict[str, Any] = {arg: getattr(self.schedule, attr) for arg, attr in self._ARGS.items()}
+        kwargs.update(comm=self._comm_arg, metric_reduce=self.metric_reduce, sync=self.sync,
+                      sync_every_batches=self.sync_every_batches)
+        return (), kwargs
 
     # -- GluonTS's attributes (assignable where GluonTS's are) -----------------------------------
     @property
@@ -296,6 +308,8 @@ class NTA(IterationAveragingStrategy):
                                fallback_alpha=fallback_alpha)
         self._setup(schedule, comm, metric_reduce, sync, sync_every_batches)
 
+    _ARGS = {"epochs": "epochs", "n": "n", "maximize": "maximize", "last_n_trigger": "last_n_trigger", "eta": "eta",
+             "fallback_alpha": "fallback_alpha"}
     n = property(lambda self: self.schedule.n)
     maximize = property(lambda self: self.schedule.maximize)
     last_n_trigger = property(lambda self: self.schedule.last_n_trigger)
@@ -319,4 +333,5 @@ class Alpha_Suffix(IterationAveragingStrategy):  # noqa: N801 -- GluonTS's name
     ) -> None:
         self._setup(AlphaSuffixSchedule(epochs, alpha=alpha, eta=eta), comm, metric_reduce, sync, sync_every_batches)
 
+    _ARGS = {"epochs": "epochs", "alpha": "alpha", "eta": "eta"}
     alpha_suffix = property(lambda self: self.schedule.alpha_suffix)
