@@ -109,6 +109,20 @@ def test_a_failed_run_keeps_directories_it_did_not_create(tmp_path, capsys):
     assert code == 2 and out.is_dir()
 
 
+def test_a_run_failing_in_training_removes_the_directories_it_created(tmp_path, capsys, monkeypatch):
+    import iteravg.mx.train as train_mod
+    from iteravg import checkpoint
+
+    def failing_fit(*args, checkpoint_dir, **kwargs):
+        checkpoint.check_writable(checkpoint_dir)  # what the real loop does first
+        raise RuntimeError("simulated failure in epoch 1")
+
+    monkeypatch.setattr(train_mod, "fit", failing_fit)
+    with pytest.raises(RuntimeError, match="simulated"):
+        cli.main(["train", "--out", str(tmp_path / "new" / "run"), *TINY])
+    assert not (tmp_path / "new").exists()
+
+
 def test_unwritable_out_is_a_usage_error(tmp_path, capsys):
     import os
 

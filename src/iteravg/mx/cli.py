@@ -209,11 +209,8 @@ def _prepare_dir(path: Path, option: str) -> List[Path]:
 
     An unusable path is a ``UsageError`` naming ``option``. Nothing is left behind when it fails.
     """
-    missing: List[Path] = []
-    p = path
-    while not p.exists() and not p.is_symlink() and p != p.parent:
-        missing.append(p)
-        p = p.parent
+    missing = _missing_dirs(path)
+    p = missing[-1].parent if missing else path
     if not p.is_dir():
         raise UsageError(f"{option} {path}: {p} exists and is not a directory")
     probe = path / f".iteravg-write-test-{os.getpid()}"
@@ -227,12 +224,24 @@ def _prepare_dir(path: Path, option: str) -> List[Path]:
     return missing
 
 
+def _missing_dirs(path: Path) -> List[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing: List[Path] = []
+    p = path
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
 def remove_empty_dirs(dirs: List[Path]) -> None:
     """``rmdir`` each directory (deepest first) while it is empty: what a failed run created, it takes back."""
     for d in dirs:
         try:
             d.rmdir()
-        except OSError:
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty (or not ours to remove): so are its parents
             return
 
 
@@ -321,9 +330,11 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
             if previous is not None:
                 log.warning("iteravg: %s already holds a checkpoint (epoch %d); this fresh run replaces it "
                             "(use --resume to continue it instead)", ckpt, previous)
+        ckpt_missing = _missing_dirs(ckpt)  # the training loop creates it at its start
         created.extend(_prepare_dir(out, "--out"))
         if args.checkpoint_dir and not ckpt.is_relative_to(out):
             created.extend(_prepare_dir(ckpt, "--checkpoint-dir"))
+        created[:0] = [d for d in ckpt_missing if d not in created]  # deepest first
         return {"out": str(out), "ckpt": str(ckpt)}
 
     def load_data() -> Any:
