@@ -83,6 +83,7 @@ class ModelBinding:
         #: Any name (``collect_params()`` key or structural) -> structural name; used by checkpoint files.
         self.structural: Dict[str, str] = dict(zip(self.param_names, self.structural_names))
         self.structural.update({s: s for s in self.structural_names})
+        self._f32_weight = "float64" not in self.layout.groups
         self.fast = all(self._viewable(p, a) for p, a in zip(self.params, self.arrays))
         self._handles = self._current_handles()
         self._default: Optional[DefaultLayout] = None
@@ -110,13 +111,20 @@ class ModelBinding:
         return net is self.net and self._current_handles() == self._handles and \
             list(net.collect_params().keys()) == self.param_names
 
-    @staticmethod
-    def fold_weight(alpha: float) -> float:
-        """The weight GluonTS's ``alpha * (x - avg)`` really uses in MXNet (see ``_ndarray.mxnet_scalar``).
+    def fold_weight(self, alpha: float) -> float:
+        """The weight GluonTS's ``alpha * (x - avg)`` really uses in MXNet, so folds match it bit for bit.
 
-        Folding with it makes float64 averages bitwise GluonTS's; float32/float16 are unaffected in practice.
+        MXNet parses the scalar from a string (``_ndarray.mxnet_scalar``: 1 ulp off in ~1 of 9 weights, which
+        float64 tensors see), then each tensor uses ``DType(alpha)``; for float16 that is ``half(float(alpha))``,
+        rounded twice (differs from a direct rounding about once in 10^4 folds). Without float64 tensors the
+        weight is therefore pre-rounded to float32, which leaves the float32 cast unchanged and makes the
+        float16 one MXNet's; with float64 tensors it must stay a double (a float64 + float16 model may then
+        differ from GluonTS in float16 folds that rare).
         """
-        return mxnet_scalar(alpha)
+        value = mxnet_scalar(alpha)
+        if self._f32_weight:
+            return float(np.float32(value))
+        return value
 
     # -- reading the iterate ---------------------------------------------------------------------
     def plan(self) -> FoldPlan:
