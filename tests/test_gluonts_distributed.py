@@ -95,6 +95,23 @@ def test_plain_gluonts_trainer_under_horovodrun_is_refused(tmp_path):
     assert not (tmp_path / "sff" / "rank0.json").exists()
 
 
+@pytest.mark.multirank
+def test_a_rank_skipping_nan_batches_joins_the_step(tmp_path):
+    """GluonTS skips a batch with a NaN loss on the rank that saw it; that rank must still join the step's
+    allreduce (mid-epoch and as the epoch's last batch), and the ranks stay bitwise identical."""
+    # 8 batches per epoch: batch 5 is mid-epoch 0 (caught up when batch 6 is fetched), 7 ends epoch 0 (caught up
+    # in on_train_epoch_end), 8 and 9 are consecutive at the start of epoch 1.
+    proc = run(mpirun(2, [WORKER, str(tmp_path), "--estimator", "sff", "--epochs", "2", "--nan-batch", "1:5,7,8,9"]),
+               timeout=240, env={"ITERAVG_COMM": "mpi"})
+    text = proc.stdout + proc.stderr
+    assert text.count("rank 1 skipped a batch with a non-finite loss") == 4, text[-3000:]
+    for what in ("last", "avg"):
+        a, b = ((tmp_path / "sff" / f"rank{r}-{what}.bin").read_bytes() for r in (0, 1))
+        assert a == b and np.isfinite(np.frombuffer(a, dtype=np.float32)).all()
+    infos = [json.loads((tmp_path / "sff" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert infos[0]["losses"] == infos[1]["losses"] and all(np.isfinite(infos[0]["losses"]))
+
+
 # -- one process --------------------------------------------------------------------------------------------
 def _train(trainer_cls, callbacks=None, **kw):
     import random

@@ -1,6 +1,7 @@
 """A GluonTS user's training script, run by the multi-rank tests: one process, horovodrun or mpirun, unchanged.
 
 Usage: worker_gluonts.py OUT [--estimator sff|deepar ...] [--batch-size B] [--epochs E] [--plain] [--resume]
+    [--nan-batch RANK:I,J,...]
 
 Trains each estimator on synthetic series with ``iteravg.gluonts.Trainer`` (``--plain``: GluonTS's own Trainer)
 and iteravg's ``ModelIterationAveraging`` (checkpoints in OUT/<estimator>/ckpt). Every rank writes, into
@@ -101,6 +102,30 @@ def forecast_mse(predictor: Any, values: List[np.ndarray]) -> float:
     return float(np.mean(errs))
 
 
+def poison(est: Any, rank: int, indices: set) -> None:
+    """Fault injection: on ``rank``, the training batches numbered ``indices`` (from 0) get a NaN target, so GluonTS
+    skips them there (their loss is not finite) while the other ranks step."""
+    from iteravg.comm import get_comm
+
+    if get_comm().rank != rank:
+        return
+    make_loader = est.create_training_data_loader
+
+    class Poisoned:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.count = 0
+
+        def __iter__(self):
+            for batch in self.inner:
+                if self.count in indices:
+                    batch = dict(batch, future_target=batch["future_target"] * float("nan"))
+                self.count += 1
+                yield batch
+
+    est.create_training_data_loader = lambda data, **kw: Poisoned(make_loader(data, **kw))
+
+
 def train_once(args: argparse.Namespace, kind: str, out: Path, prefix: str, resume: bool) -> Dict[str, Any]:
     from gluonts.model.predictor import Predictor
     from gluonts.mx.trainer import Trainer as GluonTSTrainer
@@ -120,6 +145,9 @@ def train_once(args: argparse.Namespace, kind: str, out: Path, prefix: str, resu
     values = series()
     train_values = [v[:-PRED] for v in values]
     est = estimator(kind, trainer, args.batch_size)
+    if args.nan_batch:
+        rank, indices = args.nan_batch.split(":")
+        poison(est, int(rank), {int(i) for i in indices.split(",")})
     if resume:
         warm = Predictor.deserialize(out / "predictor")
         predictor = est.train_from(warm, dataset(train_values), dataset(train_values))
@@ -156,6 +184,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--plain", action="store_true", help="GluonTS's own Trainer (the guarded old path)")
     ap.add_argument("--resume", action="store_true", help="then train again, resuming the averaging state")
+    ap.add_argument("--nan-batch", default="", help="RANK:I,J,... -- those batches of that rank have a NaN target")
     args = ap.parse_args()
     for kind in args.estimator:
         out = Path(args.out) / kind
