@@ -320,13 +320,13 @@ def copy_weights(src: gluon.Block, dst: gluon.Block) -> None:
 
 def table() -> str:
     """The supported-models table of docs/models.md, from this registry."""
-    head = ["model", "layers", *DTYPES, "float16+float32", "horovodrun / mpirun"]
+    head = ["model", "layers", *DTYPES, "float16+float32", "2 ranks (horovodrun, mpirun)"]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for m in ZOO:
         cells = [f"`{m.name}`", m.layers]
         for d in (*DTYPES, "float16+float32"):
             cells.append("yes" if d in m.runnable() else "n/a (MXNet)" if d in m.unsupported else "-")
-        cells.append("yes" if m.multirank else "single-process tested")
+        cells.append("yes" if m.multirank else "-")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
