@@ -140,6 +140,8 @@ def test_usage_errors_are_printed_by_rank_0_only(capsys, monkeypatch, env):
     assert cli.launcher_rank() == 1
     code, out, err = call(capsys, "train", "--eta", "inf")
     assert code == 2 and out == "" and err == ""
+    code, out, err = call(capsys, "train", "--help")
+    assert code == 0 and out == "" and err == ""
     monkeypatch.setenv(env, "0")
     code, _, err = call(capsys, "train", "--eta", "inf")
     assert code == 2 and "--eta" in one_line(err)

@@ -57,6 +57,10 @@ class _Parser(argparse.ArgumentParser):
         usage_error(self.prog, f"{message} (see '{self.prog} --help')")
         sys.exit(EXIT_USAGE)
 
+    def print_help(self, file: Any = None) -> None:  # --help under a launcher: once, too
+        if launcher_rank() == 0:
+            super().print_help(file)
+
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: X)`` for options with a real default (not for flags or "unset")."""
