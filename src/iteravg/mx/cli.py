@@ -224,7 +224,7 @@ def _prepare_dir(path: Path, option: str) -> List[Path]:
         probe.unlink()
     except OSError as exc:
         remove_empty_dirs(missing)
-        raise UsageError(f"{option} {path} is not writable: {exc.strerror or exc}") from None
+        raise UsageError(f"{option} {path} cannot be created or written: {exc.strerror or exc}") from None
     return missing
 
 
