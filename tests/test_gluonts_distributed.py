@@ -96,6 +96,22 @@ def test_plain_gluonts_trainer_under_horovodrun_is_refused(tmp_path):
 
 
 @pytest.mark.multirank
+def test_gluonts_default_model_averaging_picks_the_best_epoch_by_reduced_loss(tmp_path):
+    """No iteration averaging: GluonTS's default ModelAveraging (best epoch) runs on rank 0, from files only rank 0
+    wrote, scored with the losses reduced across ranks; every rank ends with that epoch's network."""
+    # 2 batches per epoch: noisy epoch losses, so the best epoch is not simply the last one (epoch 5 of 6 here).
+    run(horovodrun(2, [WORKER, str(tmp_path), "--estimator", "sff", "--epochs", "6", "--batches", "2", "--defaults"],
+                   gloo=True), timeout=240)
+    infos = [json.loads((tmp_path / "sff" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert infos[0]["losses"] == infos[1]["losses"] and infos[0]["epoch_hashes"] == infos[1]["epoch_hashes"]
+    best = int(np.argmin(infos[0]["losses"]))
+    assert infos[0]["final_hash"] == infos[1]["final_hash"] == infos[0]["epoch_hashes"][best]
+    assert all(infos[0]["files"]) and not any(infos[1]["files"])  # per-epoch parameter files: rank 0 only
+    a, b = ((tmp_path / "sff" / f"rank{r}-avg.bin").read_bytes() for r in (0, 1))
+    assert a == b
+
+
+@pytest.mark.multirank
 def test_a_rank_skipping_nan_batches_joins_the_step(tmp_path):
     """GluonTS skips a batch with a NaN loss on the rank that saw it; that rank must still join the step's
     allreduce (mid-epoch and as the epoch's last batch), and the ranks stay bitwise identical."""

@@ -1,6 +1,6 @@
 """A GluonTS user's training script, run by the multi-rank tests: one process, horovodrun or mpirun, unchanged.
 
-Usage: worker_gluonts.py OUT [--estimator sff|deepar ...] [--batch-size B] [--epochs E] [--plain] [--resume]
+Usage: worker_gluonts.py OUT [--estimator sff|deepar ...] [--batch-size B] [--epochs E] [--plain] [--resume] [--defaults]
     [--nan-batch RANK:I,J,...]
 
 Trains each estimator on synthetic series with ``iteravg.gluonts.Trainer`` (``--plain``: GluonTS's own Trainer)
@@ -13,14 +13,17 @@ OUT/<estimator>/:
   counter, trigger and, on rank 0, the forecast MSE of the predictor written by ``serialize`` and read back
   with GluonTS's ``Predictor.deserialize``.
 
-``--resume`` then trains again with ``ModelIterationAveraging(..., resume=True)``, warm-started from rank 0's
+``--defaults`` trains without the averaging callback and without validation data, so that GluonTS's default
+``ModelAveraging`` picks the best epoch by training loss. ``--resume`` then trains again with ``ModelIterationAveraging(..., resume=True)``, warm-started from rank 0's
 serialised predictor (``estimator.train_from``), and records the same files with the prefix ``resumed-``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import random
 import sys
 import warnings
@@ -65,11 +68,15 @@ def make_recorder():
         def __init__(self) -> None:
             self.losses: List[float] = []
             self.lrs: List[float] = []
+            self.epoch_hashes: List[str] = []  # the network GluonTS saved for each epoch
+            self.files: List[bool] = []  # whether this rank has the best epoch's parameter file
             self.last = b""
 
         def on_epoch_end(self, epoch_no, epoch_loss, training_network, trainer, best_epoch_info, ctx) -> bool:
             self.losses.append(float(epoch_loss))
             self.lrs.append(float(trainer.learning_rate))
+            self.epoch_hashes.append(hashlib.sha256(params_bytes(training_network)).hexdigest())
+            self.files.append(os.path.exists(str(best_epoch_info.get("params_path"))))
             return True
 
         def on_train_end(self, training_network, temporary_dir=None, ctx=None) -> None:
@@ -140,8 +147,9 @@ def train_once(args: argparse.Namespace, kind: str, out: Path, prefix: str, resu
     strategy = NTA(epochs=args.epochs * (2 if resume else 1), n=1, fallback_alpha=0.5)
     callback = ModelIterationAveraging(strategy, checkpoint_dir=out / "ckpt", resume=resume)
     recorder = make_recorder()
+    callbacks = [recorder] if args.defaults else [recorder, callback]  # --defaults: GluonTS's ModelAveraging
     trainer = Trainer(ctx="cpu", epochs=args.epochs, num_batches_per_epoch=args.batches, learning_rate=args.lr,
-                      hybridize=True, callbacks=[recorder, callback])
+                      hybridize=True, callbacks=callbacks)
     values = series()
     train_values = [v[:-PRED] for v in values]
     est = estimator(kind, trainer, args.batch_size)
@@ -151,6 +159,8 @@ def train_once(args: argparse.Namespace, kind: str, out: Path, prefix: str, resu
     if resume:
         warm = Predictor.deserialize(out / "predictor")
         predictor = est.train_from(warm, dataset(train_values), dataset(train_values))
+    elif args.defaults:  # no validation data: epochs are scored by training losses, which differ per rank
+        predictor = est.train(dataset(train_values))
     else:
         predictor = est.train(dataset(train_values), dataset(train_values))
     comm = strategy.comm
@@ -158,7 +168,9 @@ def train_once(args: argparse.Namespace, kind: str, out: Path, prefix: str, resu
     (out / f"{prefix}rank{comm.rank}-last.bin").write_bytes(recorder.last)
     (out / f"{prefix}rank{comm.rank}-avg.bin").write_bytes(params_bytes(net))
     record: Dict[str, Any] = {"comm": comm.name, "size": comm.size, "rank": comm.rank, "losses": recorder.losses,
-                              "lrs": recorder.lrs, "average_counter": strategy.average_counter,
+                              "lrs": recorder.lrs, "epoch_hashes": recorder.epoch_hashes, "files": recorder.files,
+                              "final_hash": hashlib.sha256(params_bytes(net)).hexdigest(),
+                              "average_counter": strategy.average_counter,
                               "started": strategy.averaging_started,
                               "resumed_epoch": (callback.resumed_state or {}).get("epoch")}
     if ig.is_root():
@@ -184,6 +196,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--plain", action="store_true", help="GluonTS's own Trainer (the guarded old path)")
     ap.add_argument("--resume", action="store_true", help="then train again, resuming the averaging state")
+    ap.add_argument("--defaults", action="store_true", help="no averaging callback: GluonTS's default callbacks")
     ap.add_argument("--nan-batch", default="", help="RANK:I,J,... -- those batches of that rank have a NaN target")
     args = ap.parse_args()
     for kind in args.estimator:
