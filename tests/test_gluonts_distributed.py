@@ -213,3 +213,13 @@ def test_guard_on_one_process_and_fingerprint_bits():
     net.weight.set_data(mx.nd.array(w))
     assert parameter_fingerprint(net) != before
 
+
+
+def test_trainer_round_trips_through_gluonts_serde():
+    """GluonTS serialises estimators with their trainer (serde); ours must come back as itself."""
+    from gluonts.core import serde
+
+    from iteravg.gluonts import Trainer
+
+    back = serde.load_json(serde.dump_json(Trainer(epochs=3, learning_rate=0.01, num_batches_per_epoch=7)))
+    assert type(back) is Trainer and (back.epochs, back.learning_rate, back.num_batches_per_epoch) == (3, 0.01, 7)
