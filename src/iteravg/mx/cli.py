@@ -407,8 +407,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
                                                         or e == args.epochs):
             log.info("epoch %d/%d: train MSE %.4f, %s", e, args.epochs, 2 * row["train_loss"], shown)
         if bar is not None:
-            bar.update(e - bar.n)  # a resumed run starts at its resumed epoch
             bar.set_postfix_str(shown, refresh=False)
+            bar.update(e - bar.n)  # a resumed run starts at its resumed epoch
 
     try:
         result = fit(net, loss_fn, ds.train, ds.val, comm=comm, callbacks=[callback, resume_point],
