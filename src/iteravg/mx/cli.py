@@ -251,8 +251,9 @@ def remove_empty_dirs(dirs: List[Path]) -> None:
 
 class _ResumePoint:
     """A GluonTS-style callback (every hook a no-op) that, right after a resume, evaluates the restored last
-    iterate and averaged model: the resumed epoch's values were not in its snapshot (they are computed after it
-    is written). Placed after ``ModelIterationAveraging`` so that the averaging state is already restored."""
+    iterate and averaged model. The values go with the resume marker of the plot; they also fill the resumed
+    epoch's point when its snapshot lacks them (a checkpoint written by an older iteravg). ``fit`` restores the
+    training and averaging state before ``on_network_initializing_end``, so both models are the checkpoint's."""
 
     def __init__(self, evaluate_both: Callable[[], Tuple[float, Optional[float]]], enabled: bool) -> None:
         self.evaluate_both, self.enabled = evaluate_both, enabled
