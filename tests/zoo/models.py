@@ -44,6 +44,8 @@ class ZooModel:
     multirank: bool = False  # part of the subset run under horovodrun / mpirun
     #: dtype -> why MXNet's own computation on this model is not bitwise reproducible
     nondeterministic: Dict[str, str] = field(default_factory=dict)
+    #: False: MXNet's inference outputs under ``hybridize(static_alloc=True)`` vary between identical networks
+    static_alloc_reproducible: bool = True
 
     def runnable(self) -> List[str]:
         return [d for d in self.dtypes if d not in self.unsupported]
@@ -218,9 +220,9 @@ ZOO: List[ZooModel] = [
     ZooModel("conv1d", "Conv1D (oneDNN)", conv1d, unsupported={"float16": _NO_F16}, multirank=True),
     ZooModel("conv2d", "Conv2D, GlobalAvgPool2D (oneDNN)", conv2d, unsupported={"float16": _NO_F16}),
     ZooModel("lstm", "LSTM (gluon.rnn, fused, 2 layers)", lstm, unsupported={"float16": _NO_F16}, multirank=True,
-             nondeterministic={"float64": _RNN_F64}),
+             nondeterministic={"float64": _RNN_F64}, static_alloc_reproducible=False),
     ZooModel("gru", "GRU (gluon.rnn, fused, 2 layers)", gru, unsupported={"float16": _NO_F16},
-             nondeterministic={"float64": _RNN_F64}),
+             nondeterministic={"float64": _RNN_F64}, static_alloc_reproducible=False),
     ZooModel("embedding_batchnorm", "Embedding, BatchNorm (running statistics)", embedding_batchnorm,
              multirank=True),
     ZooModel("layernorm_dropout", "LayerNorm, Dropout", layernorm_dropout),

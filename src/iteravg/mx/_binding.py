@@ -152,7 +152,11 @@ class ModelBinding:
     def write(self, groups: List[np.ndarray]) -> None:
         """Set the parameters from flat per-dtype buffers (the averaged or the cached model)."""
         if self.fast:
-            plan = self.plan()  # also waits until MXNet no longer reads the old values
+            # numpy writes bypass MXNet's engine, so the arrays' versions would not change -- and MXNet caches
+            # keyed on them (oneDNN's RNN keeps reordered weights until the version moves) would go stale. One
+            # multi-array op that writes every parameter bumps them all; its zeros are overwritten below.
+            mx.nd.reset_arrays(*self.arrays, num_arrays=len(self.arrays))
+            plan = self.plan()  # waits for that op and for any reader of the old values; default layout
             for g, src in enumerate(groups):
                 plan.scatter(g, src)
             return
