@@ -68,6 +68,18 @@ if [ ! -e "$dev_stamp" ]; then
   pip -r "$here/requirements/dev.txt"
   touch "$dev_stamp"
 fi
+# Optional: CPU PyTorch for examples/torch_averaging.py and its test (~50 s, ~870 MB; ITERAVG_TORCH=0 skips it).
+# --no-deps: torch's metadata asks for setuptools>=77, which would replace the setuptools<70 Horovod's build
+# needs; requirements/torch.txt lists torch's other runtime dependencies. A failure only skips those tests.
+torch_stamp=$stamp_dir/torch-$(sha256sum "$here/requirements/torch.txt" | cut -c1-12)
+if [ "${ITERAVG_TORCH:-1}" != 0 ] && { [ ! -e "$torch_stamp" ] || ! "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)'; }; then
+  log "installing CPU PyTorch (optional)"
+  if pip --no-deps -r "$here/requirements/torch.txt"; then
+    touch "$torch_stamp"
+  else
+    log "warning: PyTorch could not be installed; tests/test_torch_example.py will be skipped"
+  fi
+fi
 # 4. iteravg itself (editable, cheap; always re-run so entry points follow pyproject.toml).
 if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
   pip --no-deps --no-build-isolation -e "$here"
