@@ -207,8 +207,8 @@ def mixed(dtype: str) -> Built:
 
 def two_contexts(dtype: str) -> Built:
     net = nn.HybridSequential()
-    net.add(nn.Conv1D(4, 3, in_channels=2, activation="relu"), nn.Dense(2))
-    return _finish(net, dtype, _normal(2, 8), ctx=(mx.cpu(0), mx.cpu(1)))
+    net.add(nn.Conv1D(8, 3, in_channels=4, activation="relu"), nn.Dense(2))
+    return _finish(net, dtype, _normal(4, 12), ctx=(mx.cpu(0), mx.cpu(1)))
 
 
 _NO_F16 = "MXNet has no float16 GEMM on CPU (Dense, Conv, RNN)"

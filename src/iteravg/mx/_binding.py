@@ -116,7 +116,7 @@ class ModelBinding:
 
         MXNet parses the scalar from a string (``_ndarray.mxnet_scalar``: 1 ulp off in ~1 of 9 weights, which
         float64 tensors see), then each tensor uses ``DType(alpha)``; for float16 that is ``half(float(alpha))``,
-        rounded twice (differs from a direct rounding about once in 10^4 folds). Without float64 tensors the
+        rounded twice (differs from a direct rounding in about 1 of 3 x 10^4 folds). Without float64 tensors the
         weight is therefore pre-rounded to float32, which leaves the float32 cast unchanged and makes the
         float16 one MXNet's; with float64 tensors it must stay a double (a float64 + float16 model may then
         differ from GluonTS in float16 folds that rare).
@@ -160,6 +160,10 @@ class ModelBinding:
             for g, src in enumerate(groups):
                 plan.scatter(g, src)
             return
+        # set_data cannot copy into a 3-d array oneDNN left blocked (MXNet 1.9.1: "Check failed:
+        # to.IsDefaultData()"), so every context's copy is put back into the default layout first.
+        mx.nd.waitall()
+        DefaultLayout([a for p in self.params for a in p.list_data() if can_view(a) and len(a.shape) >= 2])
         for spec, p in zip(self.layout.specs, self.params):
             g, start = self.layout.offsets[spec.name]
             p.set_data(mx.nd.array(groups[g][start : start + spec.size].reshape(spec.shape), dtype=spec.dtype))
