@@ -1,9 +1,13 @@
 """``examples/torch_averaging.py``: a PyTorch model averaged by ``iteravg.Averager`` through numpy views, on one
 process and under ``mpirun -np 2`` with mpi4py (real subprocesses); and the engine on torch parameter views against
-PyTorch's own ``torch.optim.swa_utils`` averaging. Skipped when torch is not installed (requirements/torch.txt)."""
+PyTorch's own ``torch.optim.swa_utils`` averaging. Skipped when torch is not installed (requirements/torch.txt).
+
+torch is only ever imported in subprocesses (``python -c "import test_torch_example as t; t.check_...()"``), so the
+pytest process that runs the MXNet tests never has two frameworks' OpenMP runtimes loaded at once."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -13,14 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-
 sys.path.insert(0, str(Path(__file__).parent / "multirank"))
 from launch import REPO, job_env, mpirun, run  # noqa: E402
 
 import iteravg  # noqa: E402
 
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                reason="PyTorch is not installed (optional: requirements/torch.txt)")
 EXAMPLE = "examples/torch_averaging.py"
+TESTS = Path(__file__).resolve().parent
+
+
+def in_subprocess(call: str) -> str:
+    """Run ``t.<call>`` with this module imported as ``t`` in a fresh interpreter; returns its stdout."""
+    proc = subprocess.run([sys.executable, "-c", f"import test_torch_example as t; {call}"], cwd=TESTS,
+                          env=job_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def ranks(out: Path, size: int) -> list:
@@ -43,17 +56,24 @@ def check_common(found: list) -> dict:
     return r0
 
 
-def load_snapshot_into_torch(snapshot: str) -> dict:
-    """The snapshot's averaged.safetensors is read by safetensors' torch loader straight into a fresh model."""
-    st = pytest.importorskip("safetensors.torch")
+def snapshot_in_torch(snapshot: str) -> None:
+    """(subprocess) Load the snapshot's averaged.safetensors with safetensors' torch loader into a fresh model;
+    print the bits' digest and the model's validation loss as JSON."""
+    import torch
+    from safetensors.torch import load_file
+
     sys.path.insert(0, str(REPO / "examples"))
     import torch_averaging as ex  # noqa: E402
 
     fresh = torch.nn.Sequential(torch.nn.Linear(ex.FEATURES, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    fresh.load_state_dict(st.load_file(str(Path(snapshot) / "averaged.safetensors")), strict=True)
+    fresh.load_state_dict(load_file(str(Path(snapshot) / "averaged.safetensors")), strict=True)
     x_val, y_val = ex.make_data(512, seed=2)
-    return {"digest": ex.digest({n: p.detach().numpy() for n, p in fresh.named_parameters()}),
-            "loss": ex.mse(fresh, x_val, y_val)}
+    print(json.dumps({"digest": ex.digest({n: p.detach().numpy() for n, p in fresh.named_parameters()}),
+                      "loss": ex.mse(fresh, x_val, y_val)}))
+
+
+def load_snapshot_into_torch(snapshot: str) -> dict:
+    return json.loads(in_subprocess(f"t.snapshot_in_torch({snapshot!r})"))
 
 
 @pytest.mark.timeout(300)
@@ -100,6 +120,8 @@ def test_example_mpirun_independent_replicas_ema(tmp_path):
 
 def _fold_both(schedule: iteravg.Schedule, reference, steps: int = 25) -> tuple:
     """Train a tiny torch model; fold each iterate into iteravg (numpy views) and into torch's AveragedModel."""
+    import torch
+
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -117,9 +139,11 @@ def _fold_both(schedule: iteravg.Schedule, reference, steps: int = 25) -> tuple:
     return ours, {n.removeprefix("module."): p.detach().numpy() for n, p in theirs.named_parameters()}
 
 
-def test_polyak_average_matches_torch_swa_utils():
+def check_polyak_matches_swa_utils() -> None:
     """eta=0 polynomial averaging is SWA's running mean (PyTorch computes a + (x - a) / (n + 1), iteravg
     a + (1/k) (x - a): equal up to float32 rounding)."""
+    import torch
+
     sched = iteravg.Schedule(eta=0)
     sched.averaging_started = True
     ours, theirs = _fold_both(sched, torch.optim.swa_utils.get_swa_multi_avg_fn())
@@ -128,15 +152,20 @@ def test_polyak_average_matches_torch_swa_utils():
         np.testing.assert_allclose(ours[n], theirs[n], rtol=2e-6, atol=1e-7, err_msg=n)
 
 
-def test_ema_without_warmup_matches_torch_swa_utils():
+def check_ema_matches_swa_utils() -> None:
+    """EMA without warmup is torch's get_ema_multi_avg_fn (a lerp); the first fold copies in both."""
+    import torch
+
     ours, theirs = _fold_both(iteravg.EMASchedule(decay=0.9, warmup=False),
                               torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
     for n in ours:
         np.testing.assert_allclose(ours[n], theirs[n], rtol=2e-6, atol=1e-7, err_msg=n)
 
 
-def test_views_survive_optimizer_steps():
+def check_views_survive_optimizer_steps() -> None:
     """The premise of the example: CPU parameters' numpy views share memory with the tensors across steps."""
+    import torch
+
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     views = {n: p.detach().numpy() for n, p in model.named_parameters()}
@@ -146,3 +175,10 @@ def test_views_survive_optimizer_steps():
     for n, p in model.named_parameters():
         assert np.shares_memory(views[n], p.detach().numpy()), n
         assert not np.array_equal(views[n], before[n]) and views[n].tobytes() == p.detach().numpy().tobytes(), n
+
+
+def test_engine_on_torch_views_matches_torch_swa_utils():
+    """The three checks above, in one fresh interpreter (torch is never imported into the pytest process)."""
+    out = in_subprocess("t.check_views_survive_optimizer_steps(); t.check_polyak_matches_swa_utils(); "
+                        "t.check_ema_matches_swa_utils(); print('checked')")
+    assert out.strip() == "checked"
