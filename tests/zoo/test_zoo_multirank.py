@@ -59,6 +59,7 @@ def test_ranks_hold_identical_averaged_models(jobs, launcher, name, dtype):
             pytest.xfail(f"float16 allreduce under mpi4py not supported yet (issue 9): {errors[0][:200]}")
         raise AssertionError(f"{case} under {launcher}: {errors}")
     assert results[0]["counter"] == results[1]["counter"] > 1
+    assert results[0]["names"] != results[1]["names"]  # other auto names on rank 1, the same model all the same
     # Not vacuous: each rank trained its own weights ...
     assert arrays[0][f"{case}/training"].tobytes() != arrays[1][f"{case}/training"].tobytes()
     # ... and all ranks end with the same averaged model, loaded into the same network.
