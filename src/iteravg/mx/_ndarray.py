@@ -4,6 +4,13 @@ Why: an MXNet op per tensor costs several times the memory-bandwidth bound on CP
 directly on the NDArray's memory (the C API's ``MXNDArrayGetData``) runs at close to it. The caller must
 make sure MXNet is done with the array (``wait_to_read`` / ``mx.nd.waitall()``) before reading or writing
 through the view, because MXNet's engine does not see numpy's accesses.
+
+Two more things numpy-side code must know about MXNet, both handled here:
+
+* oneDNN may later reorder the array in place into a blocked layout (an inference-mode Conv / FullyConnected
+  forward does); ``DefaultLayout.refresh`` undoes that for many arrays in one C call before each access.
+* MXNet's scalar operators compute with the scalar as parsed back from a string (``mxnet_scalar``), which is
+  what GluonTS's ``alpha * (x - avg)`` uses; matching its bits means using the same double.
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ def can_view(nd: mx.nd.NDArray) -> bool:
 
 
 def numpy_view(nd: mx.nd.NDArray) -> np.ndarray:
-    """A writable numpy array sharing ``nd``'s memory. Keep ``nd`` alive for as long as the view is used."""
+    """A writable numpy array sharing ``nd``'s memory. Keep ``nd`` alive for as long as the view is used.
+
+    ``MXNDArrayGetData`` first puts a oneDNN-blocked array back into the default layout, so the view is valid
+    now; an inference forward may block it again later (see ``DefaultLayout``).
+    """
     if not can_view(nd):
         raise ValueError(f"cannot view a {nd.stype} array on {nd.context} from numpy")
     nd.wait_to_read()
