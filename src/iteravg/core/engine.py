@@ -31,91 +31,24 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from .. import __version__, checkpoint, collectives
 from ..comm import Communicator, resolve_comm
-from .averaged import Allocator, AveragedState, FoldPlan, Layout, TensorSpec, numpy_allocator
+from .averaged import Allocator, AveragedState, Layout, numpy_allocator
+from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
+                      first_layout_difference, flatten_tensors)
 from .schedules import Schedule
+from .sources import ArraySource, Params, ParamSource
 from .tensorfile import TensorFileError, load_tensors, save_tensors
 
-__all__ = ["Averager", "ParamSource", "ArraySource", "AVERAGED_FILE", "SYNC_MODES"]
+__all__ = ["Averager", "ParamSource", "ArraySource", "AVERAGED_FILE", "SYNC_MODES", "describe_snapshot", "fingerprint_hex"]
 
 logger = logging.getLogger("iteravg")
 
-#: The averaged model in every snapshot, by layout name, in the safetensors format.
-AVERAGED_FILE = "averaged.safetensors"
 SYNC_MODES = ("mean", "broadcast")
-#: A reader for snapshots older than ``AVERAGED_FILE``: (snapshot dir, state record) -> layout name -> array.
-LegacyReader = Callable[[Path, Dict[str, Any]], Dict[str, np.ndarray]]
-
-
-class ParamSource(Protocol):
-    """A model's parameters as the engine sees them. ``iteravg.mx``'s ``ModelBinding`` is one; ``ArraySource``
-    wraps a plain ``name -> numpy array`` mapping."""
-
-    layout: Layout
-
-    def plan(self) -> FoldPlan:
-        """A fold plan over the parameters' current values, valid to read and write until the framework runs."""
-
-    def read(self, groups: Sequence[np.ndarray]) -> None:
-        """Copy the parameters into flat per-dtype buffers."""
-
-    def write(self, groups: Sequence[np.ndarray]) -> None:
-        """Set the parameters from flat per-dtype buffers."""
-
-    def fold_weight(self, alpha: float) -> float:
-        """The weight the fold really uses for ``alpha`` (a framework may round it as its own ops would)."""
-
-
-class ArraySource:
-    """``name -> numpy array`` parameters (any framework's views: ``tensor.numpy()``, ``np.asarray(...)``).
-
-    Arrays must be C-contiguous, writable and floating-point, and stay the same objects while averaging runs
-    (a new mapping of new arrays is checked against the layout and re-planned).
-    """
-
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError(f"params must be a non-empty mapping of name -> numpy array, got {type(params).__name__}")
-        specs, arrays = [], []
-        for name, arr in params.items():
-            if not isinstance(arr, np.ndarray):
-                raise ValueError(f"params[{name!r}] must be a numpy array (a view of the framework's tensor), "
-                                 f"got {type(arr).__name__}")
-            if not arr.flags.c_contiguous or not arr.flags.writeable:
-                raise ValueError(f"params[{name!r}] must be a C-contiguous, writable array, so that the averaged "
-                                 "weights can be written back into it")
-            specs.append(TensorSpec(str(name), tuple(arr.shape), arr.dtype.name))
-            arrays.append(arr)
-        self.layout = Layout(tuple(specs))
-        self._params = dict(params)
-        self._plan = FoldPlan(self.layout, arrays)
-
-    def same_arrays(self, params: Mapping[str, np.ndarray]) -> bool:
-        """O(tensors) identity check: is ``params`` the mapping this source was built from?"""
-        mine = self._params
-        return len(params) == len(mine) and all(params.get(k) is v for k, v in mine.items())
-
-    def plan(self) -> FoldPlan:
-        return self._plan
-
-    def read(self, groups: Sequence[np.ndarray]) -> None:
-        for g, out in enumerate(groups):
-            self._plan.gather(g, out)
-
-    def fold_weight(self, alpha: float) -> float:
-        return alpha
-
-    def write(self, groups: Sequence[np.ndarray]) -> None:
-        for g, src in enumerate(groups):
-            self._plan.scatter(g, src)
-
-
-Params = Union[Mapping[str, np.ndarray], ParamSource]
 
 
 class Averager:
@@ -423,7 +356,7 @@ class Averager:
         if tensors is not None:
             if self._state is None:
                 raise ValueError("load_state_dict(tensors=...) needs the model: pass params= or bind it first")
-            self._state.load_flat(_flatten(self._state.layout, tensors, "the state's tensors"))
+            self._state.load_flat(flatten_tensors(self._state.layout, tensors, "the state's tensors"))
         self._has_average = bool(state.get("has_average")) and (tensors is not None or self._has_average)
         if self._state is not None:
             self._state.refused_nonfinite = int(state.get("refused_nonfinite", 0))
@@ -475,11 +408,11 @@ class Averager:
                 self.comm, collectives.run_on_root(self.comm, read, "reading the checkpoint"))
             src = self.bind(params)
             assert self._state is not None
-            state = _averager_record(record)
+            state = averager_record(record)
             if state.get("layout") is not None and state["layout"] != src.layout.describe():
                 raise checkpoint.CheckpointError(
                     f"checkpoint {os.fspath(checkpoint_dir)} is for another model: "
-                    f"{_first_layout_difference(state['layout'], src.layout.describe())}")
+                    f"{first_layout_difference(state['layout'], src.layout.describe())}")
             try:
                 self.load_state_dict(state)
             except (KeyError, TypeError, ValueError) as exc:
@@ -498,7 +431,7 @@ class Averager:
                         tensors = legacy_reader(snap, rec)
                     else:
                         raise checkpoint.CheckpointError(f"{snap} holds no {AVERAGED_FILE}")
-                    live.load_flat(_flatten(live.layout, tensors, str(snap)))
+                    live.load_flat(flatten_tensors(live.layout, tensors, str(snap)))
                     if state.get("fingerprint") and fingerprint_hex(live.fingerprint()) != state["fingerprint"]:
                         raise checkpoint.CheckpointError(f"{snap}: the averaged model does not match the fingerprint "
                                                          "in its state record")
@@ -507,87 +440,3 @@ class Averager:
                 collectives.broadcast_average(self.comm, live)
                 self._has_average = True
             return record
-
-
-def fingerprint_hex(fp: np.ndarray) -> str:
-    return "".join(format(int(v) & (2**64 - 1), "016x") for v in fp)
-
-
-def _averager_record(record: Dict[str, Any]) -> Dict[str, Any]:
-    """The averager's part of a snapshot record; snapshots of iteravg 0.1 (format 1) kept it flat."""
-    if "averager" in record:
-        return record["averager"]
-    structural = record.get("structural_names", {})
-    layout = record.get("layout")
-    if layout is not None:
-        layout = [[structural.get(n, n), shape, dt] for n, shape, dt in layout]
-    return {"schedule": record.get("strategy", {}), "refused_nonfinite": record.get("strategy", {}).get(
-        "refused_nonfinite", 0), "has_average": record.get("has_average", False), "layout": layout,
-        "fingerprint": None, "epochs_done": record.get("epoch", 0)}
-
-
-def _flatten(layout: Layout, tensors: Mapping[str, np.ndarray], where: str) -> List[np.ndarray]:
-    """Named tensors -> flat per-dtype arrays in ``layout``'s order, checking names, shapes and dtypes."""
-    missing = [s.name for s in layout.specs if s.name not in tensors]
-    extra = sorted(set(tensors) - set(layout.names))
-    if missing or extra:
-        raise checkpoint.CheckpointError(f"{where} is for another model: missing {missing[:3]}, unexpected {extra[:3]}")
-    groups = [np.empty(n, dtype=dt) for dt, n in zip(layout.groups, layout.group_sizes)]
-    for spec in layout.specs:
-        arr = np.asarray(tensors[spec.name])
-        if tuple(arr.shape) != spec.shape or arr.dtype.name != spec.dtype:
-            raise checkpoint.CheckpointError(f"{where}: {spec.name!r} is {arr.dtype.name}{tuple(arr.shape)}, the "
-                                             f"model has {spec.dtype}{spec.shape}")
-        g, start = layout.offsets[spec.name]
-        groups[g][start : start + spec.size] = arr.reshape(-1)
-    return groups
-
-
-def _first_layout_difference(a: list, b: list) -> str:
-    for x, y in zip(a, b):
-        if list(x) != list(y):
-            return f"checkpoint has {x[0]!r} {tuple(x[1])} {x[2]}, the model has {y[0]!r} {tuple(y[1])} {y[2]}"
-    return f"checkpoint has {len(a)} tensors, the model has {len(b)}"
-
-
-def describe_snapshot(checkpoint_dir: os.PathLike,
-                      legacy_reader: Optional[LegacyReader] = None) -> Tuple[Dict[str, Any], List[str]]:
-    """(summary, problems) of the snapshot a directory names: every file's SHA-256 is verified (a mismatch raises
-    ``CheckpointError``), then the averaged model is read and checked against the recorded fingerprint.
-    ``iteravg inspect`` prints this; no model or framework is needed."""
-    from .averaged import fingerprint  # noqa: WPS433
-
-    snap, record = checkpoint.read_snapshot(checkpoint_dir)
-    state = _averager_record(record)
-    sched = state.get("schedule", {})
-    layout_desc = state.get("layout") or []
-    summary: Dict[str, Any] = {
-        "snapshot": str(snap), "epoch": record.get("epoch"), "stage": record.get("stage"),
-        "world_size": record.get("world_size"), "comm": record.get("comm"),
-        "format_version": record.get("format_version"), "strategy": sched.get("kind"),
-        "averaging_started": sched.get("averaging_started"), "trigger_epoch": sched.get("trigger_epoch"),
-        "average_counter": sched.get("average_counter"), "fingerprint": state.get("fingerprint"),
-        "files": sorted(record.get("files", {})), "tensors": len(layout_desc),
-        "parameters": int(sum(int(np.prod(s[1], dtype=np.int64)) for s in layout_desc)),
-        "parameter_bytes": int(sum(int(np.prod(s[1], dtype=np.int64)) * np.dtype(s[2]).itemsize for s in layout_desc)),
-    }
-    problems: List[str] = []
-    latest = Path(checkpoint_dir) / checkpoint.LATEST
-    if os.path.lexists(latest) and (not latest.exists() or latest.resolve() != snap.resolve()):
-        problems.append(f"{latest} ({os.readlink(latest)}) is missing or corrupted; the newest snapshot that "
-                        f"verifies is {snap.name} (a resume would use it)")
-    if state.get("has_average"):
-        try:
-            layout = Layout(tuple(TensorSpec(n, tuple(shape), dt) for n, shape, dt in layout_desc))
-            if (snap / AVERAGED_FILE).is_file():
-                tensors = load_tensors(snap / AVERAGED_FILE)
-            elif legacy_reader is not None:
-                tensors = legacy_reader(snap, record)
-            else:
-                raise checkpoint.CheckpointError(f"{snap} holds no {AVERAGED_FILE}")
-            actual = fingerprint_hex(fingerprint(_flatten(layout, tensors, str(snap))))
-            if state.get("fingerprint") and actual != state["fingerprint"]:
-                problems.append(f"the averaged model's fingerprint {actual} != recorded {state['fingerprint']}")
-        except (checkpoint.CheckpointError, TensorFileError, ValueError) as exc:
-            problems.append(str(exc))
-    return summary, problems
