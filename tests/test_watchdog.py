@@ -93,6 +93,19 @@ def test_mpi4py_skipped_collective_ends_within_the_deadline(tmp_path):
 
 
 @pytest.mark.multirank
+def test_mpi4py_different_collectives_on_two_ranks_are_named(tmp_path):
+    env = {"ITERAVG_COMM": "mpi", watchdog.ENV_TIMEOUT: str(DEADLINE)}
+    proc, elapsed = _timed(mpirun(2, [WORKER, str(tmp_path), "mismatch", "--rank", "1"]), tmp_path, env)
+    assert proc.returncode != 0
+    text = proc.stderr
+    # Whichever rank's watchdog fires first reports the other inside a different collective.
+    assert ("rank 1: inside another collective #3 'iteravg.finish'" in text
+            or "rank 0: inside another collective #3 'iteravg.dirty' from hook 'on_train_batch_end'" in text), text[-3000:]
+    assert "the ranks issued different collectives" in text
+    assert elapsed < DEADLINE + 15, f"job took {elapsed:.1f} s"
+
+
+@pytest.mark.multirank
 @pytest.mark.parametrize("gloo", [False, True], ids=["mpi", "gloo"])
 def test_horovod_skipped_collective_ends_within_the_deadline(tmp_path, gloo):
     env = {watchdog.ENV_TIMEOUT: str(DEADLINE)}

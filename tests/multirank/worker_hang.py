@@ -7,6 +7,8 @@ Scenarios:
   raise       rank R raises an uncaught exception; the others wait in a collective (``collectives.any_rank``).
   skip        rank R skips a collective issued in hook "on_validation_end" (rank-0-only validation), sleeps, then
               goes on to ``collectives.finish``; the others wait in the skipped collective.
+  mismatch    rank R issues one collective fewer (as with different batch counts): it reaches
+              ``collectives.finish`` while the others are in ``collectives.any_rank`` (hook "on_train_batch_end").
   sync        every rank folds its own values (rank R folds nothing) and syncs; writes OUT/rank{r}.bin (the
               averaged buffers' bytes) and OUT/rank{r}.json (counter, fingerprint, kernel used).
 ``--no-kernel-rank K`` forces the numpy fallback (ITERAVG_NO_KERNEL=1) on rank K only.
@@ -32,7 +34,7 @@ def _launcher_rank() -> int:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("scenario", choices=["raise", "skip", "sync"])
+    ap.add_argument("scenario", choices=["raise", "skip", "mismatch", "sync"])
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--dtypes", default="float32")
     ap.add_argument("--mode", default="mean")
@@ -63,6 +65,13 @@ def main() -> int:
             raise RuntimeError(f"boom on rank {rank}")
         with collectives.phase("on_epoch_end"):
             collectives.any_rank(comm, False)
+        return 0
+    if args.scenario == "mismatch":
+        stamp()
+        if rank != args.rank:
+            with collectives.phase("on_train_batch_end"):
+                collectives.any_rank(comm, True)
+        collectives.finish(comm)
         return 0
     if args.scenario == "skip":
         stamp()
