@@ -10,7 +10,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 export OMPI_MCA_rmaps_base_oversubscribe ?= 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-fast demo bench docs soak clean
+.PHONY: setup test test-fast demo bench docs soak clean image test-hosts
 
 setup: $(STAMP)
 $(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/torch.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
@@ -28,6 +28,14 @@ test-fast: setup
 ## The main job: 2-rank data-parallel training with synchronised averaging on the embedded data set.
 demo: setup
 	bash launch/horovodrun-local.sh $(NP) --out runs/demo
+
+## The container image (podman, no registry needed; ENGINE=docker for docker), cached by a content hash.
+image:
+	bash scripts/image.sh
+
+## Multi-host jobs and faults across 3 containers (docker/README.md); HOSTS_ONLY=name,... for a subset.
+test-hosts:
+	image=$$(bash scripts/image.sh | tail -n 1) && python3 tests/hosts/suite.py "$$image"
 
 bench: setup
 	$(PY) benchmarks/bench_update.py
