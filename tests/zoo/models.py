@@ -249,7 +249,15 @@ def make_trainer(built: Built, lr: float = 0.05) -> gluon.Trainer:
 
 
 def train_step(built: Built, trainer: gluon.Trainer, rng_seed: int, batch: mx.nd.NDArray) -> float:
-    """One SGD step on ``batch`` (split across the model's contexts); Dropout draws from ``rng_seed``."""
+    """One SGD step on ``batch`` (split across the model's contexts); Dropout draws from ``rng_seed``.
+
+    On several contexts the weights are first put back into the default layout: MXNet 1.9.1 races when training
+    starts from weights an inference forward left oneDNN-blocked (the conv op pushes its reorder back from a
+    worker thread, after the kvstore's copy into the weight was queued: "Check failed: to.IsDefaultData()").
+    That happens with or without averaging (e.g. after a validation epoch in which no average exists yet).
+    """
+    if len(built.ctx) > 1:
+        to_default_layout(built.net)
     parts = gluon.utils.split_and_load(batch, built.ctx, even_split=False) if len(built.ctx) > 1 else [batch]
     mx.random.seed(rng_seed)
     with autograd.record():
