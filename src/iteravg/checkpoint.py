@@ -52,10 +52,11 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from . import _faults
 
 FORMAT = "iteravg-averaging-state"
 FORMAT_VERSION = 1
@@ -63,7 +64,7 @@ STATE_FILE = "averaging-state.json"
 PARAMS_FILE = "averaged.params"
 LATEST = "latest"
 LEDGER = ".iteravg-snapshots"
-FAULT_ENV = "ITERAVG_FAULT"
+FAULT_ENV = _faults.FAULT_ENV
 #: A snapshot's name: ``<word>-<6+ digits>`` as given by the caller, plus ``.<k>`` if that name was taken.
 SNAPSHOT_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9_]*-\d{6,})(?:\.(?P<rev>\d+))?$")
 
@@ -165,17 +166,6 @@ def record_digest(record: Dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fault(stage: str, names: Tuple[str, ...]) -> None:
-    fault = os.environ.get(FAULT_ENV, "")
-    if not fault:
-        return
-    if stage == "state-written" and (fault == "crash-before-publish"
-                                     or any(fault == f"crash-before-publish:{n}" for n in names)):
-        os._exit(17)  # simulate a crash after writing, before publishing
-    if fault == f"kill-at:{stage}" or any(fault == f"kill-at:{stage}:{n}" for n in names):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _read_ledger(root: Path) -> List[Tuple[int, str]]:
     try:
         text = (root / LEDGER).read_text(encoding="utf-8", errors="replace")
@@ -239,7 +229,7 @@ def write_snapshot(
     tmp = root / f".tmp-{final_name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     _secure(tmp, is_dir=True)
-    _fault("tmp-created", names)
+    _faults.snapshot_stage("tmp-created", names)
     digests: Dict[str, str] = {}
     for k, (fname, writer) in enumerate(files.items(), start=1):
         path = tmp / fname
@@ -247,7 +237,7 @@ def write_snapshot(
         _secure(path)
         _fsync_file(path)
         digests[fname] = sha256_file(path)
-        _fault(f"file-{k}", names)
+        _faults.snapshot_stage(f"file-{k}", names)
     record = dict(state, format=FORMAT, format_version=FORMAT_VERSION, files=digests, written_at=time.time(),
                   snapshot=final_name, seq=seq)
     record["record_sha256"] = record_digest(record)
@@ -258,15 +248,15 @@ def write_snapshot(
         os.fsync(f.fileno())
     _secure(state_path)
     _fsync_dir(tmp)
-    _fault("state-written", names)
+    _faults.snapshot_stage("state-written", names)
     final = root / final_name
     if os.path.lexists(final):  # another writer took the name since _reserve: never overwrite
         raise CheckpointError(f"snapshot {str(final)!r} appeared while writing it; is another job writing here?")
     os.rename(tmp, final)
     _fsync_dir(root)
-    _fault("renamed", names)
+    _faults.snapshot_stage("renamed", names)
     _switch_latest(root, final_name)
-    _fault("latest-switched", names)
+    _faults.snapshot_stage("latest-switched", names)
     for link, target in ((PARAMS_FILE, f"{LATEST}/{PARAMS_FILE}"), (STATE_FILE, f"{LATEST}/{STATE_FILE}")):
         if not os.path.lexists(root / link):
             os.symlink(target, root / link)
@@ -332,11 +322,11 @@ def _prune(root: Path, keep: int, current: Tuple[str, ...]) -> None:
         trash = root / f".tmp-prune-{p.name}-{os.getpid()}-{time.monotonic_ns()}"
         os.rename(p, trash)
         _fsync_dir(root)
-        if os.environ.get(FAULT_ENV, "").startswith("kill-at:pruning"):
+        if _faults.pruning_fault():
             victims = sorted(trash.iterdir())
             if victims:
                 victims[0].unlink()
-            _fault("pruning", current)
+            _faults.snapshot_stage("pruning", current)
         shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -41,11 +41,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 import numpy as np
 
+from . import _faults
 from .comm import Communicator
 from .comm.watchdog import current_phase, get_timeout, phase, set_timeout
 from .core._kernel import scale_and_word_sums
@@ -317,8 +317,7 @@ def _identical(comm: Communicator, state: AveragedState, counter: int,
 def _maybe_inject_divergence(comm: Communicator, state: AveragedState) -> bool:
     """Testing switch ``ITERAVG_FAULT=diverge-after-allreduce:R``: flip the lowest bit of rank R's first element.
     Returns True if it did (precomputed fingerprints are then stale)."""
-    fault = os.environ.get("ITERAVG_FAULT", "")
-    if fault.startswith("diverge-after-allreduce:") and comm.rank == int(fault.split(":", 1)[1]):
+    if _faults.diverging_rank() == comm.rank:
         buf = state.current(0)
         buf[:1].view(np.uint8)[0] ^= 1
         return True

@@ -188,6 +188,7 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             check_replicas_in_sync(self.avg_strategy.comm, training_network, strict=None)
         strategy = self.avg_strategy
         with collectives.phase("on_epoch_end"):
+            strategy.bind(training_network)  # first epoch end: ranks check they hold the same model (collective)
             started_before = strategy.averaging_started
             strategy.update_average_trigger(metric=epoch_loss, epoch=epoch_no + 1)
             if strategy.averaging_started and (self.recount_epoch_end or not started_before):

@@ -304,7 +304,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
     from iteravg.mx import data, report
     from iteravg.mx.checkpoint import fingerprint_hex
     from iteravg.mx.train import StoppedEarly, evaluate, finish_training, fit
-    from iteravg.mx.train.loop import stop_after_epoch
+    from iteravg._faults import stop_after_epoch
 
     prog = parser.prog
     try:

@@ -177,6 +177,10 @@ class IterationAveragingStrategy:
         """Put the weights saved by ``load_averaged_model`` back (no-op if nothing was cached)."""
         if self.averager.cached() is not None:
             self.averager.restore_training(self._source(model, True))
+        elif self._binding is not None and model is self._binding.net:
+            # Nothing to swap back, but a validation forward may have left oneDNN-blocked weights, which MXNet
+            # itself cannot always train on (several contexts): one C call puts them back in the default layout.
+            self._binding.plan()
 
     @contextlib.contextmanager
     def averaged_weights(self, model: gluon.Block, *, sync: bool = True) -> Iterator[gluon.Block]:

@@ -46,7 +46,6 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mxnet as mx
@@ -54,6 +53,7 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from ... import checkpoint, collectives
+from ..._faults import STOP_ENV, stop_after_epoch
 from ...checkpoint import CheckpointError, read_snapshot
 from ...comm import Communicator
 from .._ndarray import numpy_view
@@ -62,7 +62,6 @@ logger = logging.getLogger("iteravg")
 
 TRAINING_FILE = "training.params"
 OPTIMIZER_FILE = "optimizer.params"
-STOP_ENV = "ITERAVG_STOP_AFTER_EPOCH"
 
 
 class StoppedEarly(Exception):
@@ -78,18 +77,6 @@ class FitResult:
     stopped_by_callback: bool = False
     #: The loop's checkpoint writer (``fit(checkpoint_dir=...)``), used again by ``finish_training``.
     snapshots: Optional["TrainingSnapshots"] = field(default=None, repr=False, compare=False)
-
-
-def stop_after_epoch() -> int:
-    """The ``ITERAVG_STOP_AFTER_EPOCH`` testing switch (0 = off)."""
-    text = os.environ.get(STOP_ENV, "").strip()
-    try:
-        value = int(text or 0)
-    except ValueError:
-        raise ValueError(f"{STOP_ENV} must be an epoch number, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"{STOP_ENV} must be >= 0, got {value}")
-    return value
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:
