@@ -197,7 +197,8 @@ def main() -> int:
     print(f"{'tensors':>8}{'none s':>10}{'GluonTS s':>12}{'iteravg s':>12}{'GluonTS +%':>12}{'iteravg +%':>12}")
     for row in averaging_cost(args):
         n, g, i = row["none"], row["gluonts"], row["iteravg"]
-        print(f"{row['tensors']:>8}{n:>10.3f}{g:>12.3f}{i:>12.3f}{100 * (g / n - 1):>11.0f}%{100 * (i / n - 1):>11.0f}%",
+        print(f"{row['tensors']:>8}{n:>10.3f}{g:>12.3f}{i:>12.3f}"
+              f"{100 * (g / n - 1):>11.0f}%{100 * (i / n - 1):>11.0f}%",
               flush=True)
     return 0
 

@@ -1,7 +1,7 @@
 """A GluonTS user's training script, run by the multi-rank tests: one process, horovodrun or mpirun, unchanged.
 
-Usage: worker_gluonts.py OUT [--estimator sff|deepar ...] [--batch-size B] [--epochs E] [--plain] [--resume] [--defaults]
-    [--nan-batch RANK:I,J,...]
+Usage: worker_gluonts.py OUT [--estimator sff|deepar ...] [--batch-size B] [--epochs E] [--plain] [--resume]
+    [--defaults] [--nan-batch RANK:I,J,...]
 
 Trains each estimator on synthetic series with ``iteravg.gluonts.Trainer`` (``--plain``: GluonTS's own Trainer)
 and iteravg's ``ModelIterationAveraging`` (checkpoints in OUT/<estimator>/ckpt). Every rank writes, into
@@ -14,8 +14,9 @@ OUT/<estimator>/:
   with GluonTS's ``Predictor.deserialize``.
 
 ``--defaults`` trains without the averaging callback and without validation data, so that GluonTS's default
-``ModelAveraging`` picks the best epoch by training loss. ``--resume`` then trains again with ``ModelIterationAveraging(..., resume=True)``, warm-started from rank 0's
-serialised predictor (``estimator.train_from``), and records the same files with the prefix ``resumed-``.
+``ModelAveraging`` picks the best epoch by training loss; ``--nan-batch`` gives some batches of one rank a NaN
+target. ``--resume`` then trains again with ``ModelIterationAveraging(..., resume=True)``, warm-started from rank
+0's serialised predictor (``estimator.train_from``), and records the same files with the prefix ``resumed-``.
 """
 
 from __future__ import annotations

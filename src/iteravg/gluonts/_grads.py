@@ -48,7 +48,8 @@ class GradientReducer:
         for g in self.grads:
             if np.dtype(g.dtype) not in dtypes:
                 dtypes.append(np.dtype(g.dtype))
-        self.groups: List[List[int]] = [[i for i, g in enumerate(self.grads) if np.dtype(g.dtype) == dt] for dt in dtypes]
+        self.groups: List[List[int]] = [[i for i, g in enumerate(self.grads) if np.dtype(g.dtype) == dt]
+                                        for dt in dtypes]
         self.flat: List[np.ndarray] = []
         self.native: List[Any] = []
         for k, members in enumerate(self.groups):

@@ -69,7 +69,8 @@ def check_gluonts() -> None:
     if missing:
         raise GluonTSVersionError(
             f"iteravg.gluonts.Trainer plugs into GluonTS {SUPPORTED}'s MXNet Trainer; the installed GluonTS {version} "
-            f"differs: {'; '.join(missing)}. Install gluonts=={SUPPORTED}.* or use GluonTS's own Trainer on one process."
+            f"differs: {'; '.join(missing)}. Install gluonts=={SUPPORTED}.* or use GluonTS's own Trainer on one "
+            "process."
         )
 
 
