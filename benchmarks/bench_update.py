@@ -31,7 +31,7 @@ from mxnet import autograd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
 import iteravg.mx as ours  # noqa: E402
-from iteravg.mx._binding import ModelBinding  # noqa: E402
+from iteravg.mx.binding import ModelBinding  # noqa: E402
 
 
 def dense_net(layers: int, units: int) -> nn.HybridBlock:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import iteravg.mx as ours
-from iteravg.mx._ndarray import mxnet_scalar
+from iteravg.mx.ndarray import mxnet_scalar
 
 from .models import BY_NAME, cases, copy_weights, infer, make_trainer, step, to_default_layout, weights
 

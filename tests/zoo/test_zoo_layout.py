@@ -11,8 +11,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from iteravg.mx import _ndarray
-from iteravg.mx._ndarray import DefaultLayout, mxnet_scalar, numpy_view
+from iteravg.mx import ndarray
+from iteravg.mx.ndarray import DefaultLayout, mxnet_scalar, numpy_view
 
 from .models import BY_NAME, infer
 
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("kernel", [True, False], ids=["one-C-call", "ctypes-loop"])
 def test_inference_forward_reorders_conv_weights_and_refresh_restores_them(kernel, monkeypatch):
     if not kernel:
-        monkeypatch.setattr(_ndarray, "_LAYOUT_KERNEL", None)
-    elif _ndarray._LAYOUT_KERNEL is None:
+        monkeypatch.setattr(ndarray, "_LAYOUT_KERNEL", None)
+    elif ndarray._LAYOUT_KERNEL is None:
         pytest.skip("_ndkernel was not built")
     built = BY_NAME["conv2d"].build("float32")
     weight = built.net[0].weight.data()

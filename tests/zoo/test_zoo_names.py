@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import iteravg.mx as ours
-from iteravg.mx._binding import ModelBinding
+from iteravg.mx.binding import ModelBinding
 
 from .models import BY_NAME, ZOO, cases
 

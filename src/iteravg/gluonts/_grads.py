@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import collectives
 from ..comm import Communicator
-from ..mx._ndarray import DefaultLayout, flat_allocator, numpy_view
+from ..mx.ndarray import DefaultLayout, flat_allocator, numpy_view
 
 CONTROL_SLOTS = 2
 

@@ -38,7 +38,7 @@ from mxnet import gluon
 
 from .. import collectives
 from ..comm import Communicator
-from ..mx._ndarray import numpy_view
+from ..mx.ndarray import numpy_view
 from ._grads import DataExhaustedError, GradientReducer
 from .guard import fingerprints_agree, parameter_fingerprint
 

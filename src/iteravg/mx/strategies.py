@@ -31,8 +31,8 @@ from ..comm import Communicator
 from ..core.averaged import AveragedState
 from ..core.engine import Averager
 from ..core.schedules import AlphaSuffixSchedule, NTASchedule, Schedule, check_eta
-from ._binding import ModelBinding
-from ._ndarray import flat_allocator
+from .binding import ModelBinding
+from .ndarray import flat_allocator
 
 __all__ = ["IterationAveragingStrategy", "NTA", "Alpha_Suffix"]
 

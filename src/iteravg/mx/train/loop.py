@@ -56,7 +56,7 @@ from ... import checkpoint, collectives
 from ..._faults import STOP_ENV, stop_after_epoch
 from ...checkpoint import CheckpointError, read_snapshot
 from ...comm import Communicator
-from .._ndarray import numpy_view
+from ..ndarray import numpy_view
 
 logger = logging.getLogger("iteravg")
 

@@ -12,7 +12,7 @@ whatever was built before it in the process. A shared parameter appears once, un
 
 oneDNN: MXNet's default CPU build reorders Conv / FullyConnected weights in place into a blocked layout during
 an inference-mode forward. Every access (``plan``, ``read``, ``write``) therefore first puts all parameters
-back into the default layout in one C call (``_ndarray.DefaultLayout``) and rebuilds the views if a buffer
+back into the default layout in one C call (``ndarray.DefaultLayout``) and rebuilds the views if a buffer
 moved, so a cached view never reads or writes permuted bytes.
 
 Fast path: every parameter lives in one dense CPU array and is not updated on a kvstore -- the views are
@@ -29,7 +29,7 @@ import numpy as np
 from mxnet import gluon
 
 from ..core.averaged import FoldPlan, Layout, TensorSpec
-from ._ndarray import DefaultLayout, can_view, mxnet_scalar, numpy_view
+from .ndarray import DefaultLayout, can_view, mxnet_scalar, numpy_view
 
 __all__ = ["ModelBinding", "structural_names"]
 
@@ -114,7 +114,7 @@ class ModelBinding:
     def fold_weight(self, alpha: float) -> float:
         """The weight GluonTS's ``alpha * (x - avg)`` really uses in MXNet, so folds match it bit for bit.
 
-        MXNet parses the scalar from a string (``_ndarray.mxnet_scalar``: 1 ulp off in ~1 of 9 weights, which
+        MXNet parses the scalar from a string (``ndarray.mxnet_scalar``: 1 ulp off in ~1 of 9 weights, which
         float64 tensors see), then each tensor uses ``DType(alpha)``; for float16 that is ``half(float(alpha))``,
         rounded twice (differs from a direct rounding in about 1 of 3 x 10^4 folds). Without float64 tensors the
         weight is therefore pre-rounded to float32, which leaves the float32 cast unchanged and makes the
