@@ -136,6 +136,10 @@ def test_save_and_load_restore_bits_and_progress(tmp_path):
         a.epoch_end(params, metric=metric)
     snap = a.save(tmp_path / "ck")
     assert snap.name == "epoch-000003"
+    # Convenience links only for files the snapshot holds: none dangles (a numpy snapshot has no averaged.params).
+    links = sorted(p.name for p in (tmp_path / "ck").iterdir() if p.is_symlink())
+    assert links == ["averaged.safetensors", "averaging-state.json", "latest"]
+    assert all((tmp_path / "ck" / n).exists() for n in links)
     b = iteravg.Averager(iteravg.NTASchedule(epochs=6, n=1, eta=0.5), comm="local")
     b.load(tmp_path / "ck", model())
     assert b.state_dict() == a.state_dict()

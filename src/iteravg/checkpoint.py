@@ -10,9 +10,11 @@ Layout of ``checkpoint_dir``::
         averaging-state.json            # format, version, snapshot name, seq, epoch, world size, strategy state,
                                         # fingerprint, layout, the SHA-256 of every file below, and
                                         # ``record_sha256``: the SHA-256 of this record itself (canonical JSON)
-        averaged.params                 # the averaged model, ``net.load_parameters``-compatible
+        averaged.safetensors            # the averaged model by layout name (any framework; iteravg.core.tensorfile)
+        averaged.params                 # the same, ``net.load_parameters``-compatible (the MXNet face adds it)
         ...                             # files added by the training loop (last iterate, optimizer state)
-      averaged.params -> latest/averaged.params              # convenience links, never rewritten
+      averaged.safetensors -> latest/averaged.safetensors    # convenience links, never rewritten, made for the
+      averaged.params -> latest/averaged.params              # ``averaged.*`` files a snapshot holds
       averaging-state.json -> latest/averaging-state.json
       .iteravg-snapshots                # append-only ledger: "<seq> <name>" of every name ever reserved
 
@@ -35,7 +37,8 @@ Rules:
 * **Record checksum.** ``record_sha256`` covers the whole record; a record without it (written before this field
   existed) is accepted with a warning (its files are still SHA-256 verified).
 
-Nothing read from disk is unpickled: the state is JSON, tensors are MXNet's binary NDArray format.
+Nothing read from disk is unpickled: the state is JSON, tensors are safetensors (and MXNet's NDArray format for
+``net.load_parameters``).
 Files and directories are created with the user's umask and are never world-writable.
 
 Fault injection (tests): ``ITERAVG_FAULT=kill-at:STAGE`` (or ``kill-at:STAGE:NAME`` for one snapshot) sends SIGKILL
@@ -257,7 +260,8 @@ def write_snapshot(
     _faults.snapshot_stage("renamed", names)
     _switch_latest(root, final_name)
     _faults.snapshot_stage("latest-switched", names)
-    for link, target in ((PARAMS_FILE, f"{LATEST}/{PARAMS_FILE}"), (STATE_FILE, f"{LATEST}/{STATE_FILE}")):
+    for link in [STATE_FILE] + sorted(f for f in files if f.startswith("averaged.")):  # none left dangling
+        target = f"{LATEST}/{link}"
         if not os.path.lexists(root / link):
             os.symlink(target, root / link)
     _prune(root, keep, names)
