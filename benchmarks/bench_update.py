@@ -4,7 +4,9 @@ The bound: a fold reads the iterate and the average and writes the average, 3 x 
 parameter, at the bandwidth of a large numpy copy measured in the same run.
 
 Per model it times, on the same network: iteravg's ``update_average`` and ``apply`` (the GluonTS-style call that
-also returns ``averaged_model``), GluonTS's ``update_average`` / ``apply``, and iteravg's oneDNN layout check
+also returns ``averaged_model``), the callback's ``on_train_batch_end`` (what GluonTS's Trainer calls every batch),
+the framework-neutral ``iteravg.Averager.step`` on numpy copies of the same parameters (the any-framework path),
+GluonTS's ``update_average`` / ``apply``, and iteravg's oneDNN layout check
 alone (``ModelBinding.plan()``: wait for MXNet's engine, then every parameter back to the default layout in one
 C call -- or a ctypes loop with ``ITERAVG_NO_KERNEL=1``), which is part of every step.
 
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 from mxnet import autograd  # noqa: E402
 from mxnet.gluon import nn  # noqa: E402
 
+import iteravg  # noqa: E402
 import iteravg.mx as ours  # noqa: E402
 from iteravg.mx.binding import ModelBinding  # noqa: E402
 
@@ -103,12 +106,26 @@ def run_case(name: str, net: nn.HybridBlock, bw: float, reps: int, gluonts_reps:
     bound = 12 * n_params / bw
     t_update = time_strategy(ours.IterationAveragingStrategy(), net, "update_average", reps)
     t_apply = time_strategy(ours.IterationAveragingStrategy(), net, "apply", reps)
+    strategy = ours.IterationAveragingStrategy()
+    strategy.averaging_started = True
+    callback = ours.ModelIterationAveraging(strategy)
+    for _ in range(2):
+        callback.on_train_batch_end(training_network=net)
+    t_hook = median_time(lambda: callback.on_train_batch_end(training_network=net), reps)
+    schedule = iteravg.Schedule()
+    schedule.averaging_started = True
+    averager = iteravg.Averager(schedule, comm="local")
+    arrays = {k: p.data().asnumpy() for k, p in net.collect_params().items()}
+    for _ in range(2):
+        averager.step(arrays)
+    t_numpy = median_time(lambda: averager.step(arrays), reps)
     binding = ModelBinding(net)
     binding.plan()
     t_check = median_time(binding.plan, reps)
     row = dict(case=name, tensors=len(params), params=n_params, bound_ms=bound * 1e3, update_ms=t_update * 1e3,
-               apply_ms=t_apply * 1e3, layout_check_ms=t_check * 1e3, update_over_bound=t_update / bound,
-               apply_over_bound=t_apply / bound)
+               apply_ms=t_apply * 1e3, hook_ms=t_hook * 1e3, numpy_step_ms=t_numpy * 1e3,
+               layout_check_ms=t_check * 1e3, update_over_bound=t_update / bound, apply_over_bound=t_apply / bound,
+               hook_over_bound=t_hook / bound, numpy_step_over_bound=t_numpy / bound)
     Ref = gluonts_strategy()
     if gluonts_reps and Ref is not None:
         t_ref = time_strategy(Ref(), net, "update_average", gluonts_reps, warmup=1)
@@ -138,14 +155,17 @@ def main() -> None:
         rows.append(row)
         line = (f"{name}: bound {row['bound_ms']:.2f} ms | update_average {row['update_ms']:.2f} ms "
                 f"= {row['update_over_bound']:.2f}x bound | apply {row['apply_ms']:.2f} ms "
-                f"= {row['apply_over_bound']:.2f}x bound | layout check {row['layout_check_ms'] * 1e3:.0f} us")
+                f"= {row['apply_over_bound']:.2f}x bound | on_train_batch_end {row['hook_ms']:.2f} ms "
+                f"= {row['hook_over_bound']:.2f}x | Averager.step (numpy) {row['numpy_step_ms']:.2f} ms "
+                f"= {row['numpy_step_over_bound']:.2f}x | layout check {row['layout_check_ms'] * 1e3:.0f} us")
         if "gluonts_update_ms" in row:
             line += (f" | GluonTS update {row['gluonts_update_ms']:.1f} ms, apply {row['gluonts_apply_ms']:.1f} ms"
                      f" -> iteravg {row['speedup_vs_gluonts']:.0f}x / {row['apply_speedup_vs_gluonts']:.0f}x faster")
         print(line, flush=True)
     main_row = rows[0]
     print(f"RATIOS: step/bound = {main_row['update_over_bound']:.2f} (target <= 2.5), "
-          f"apply/bound = {main_row['apply_over_bound']:.2f}, "
+          f"apply/bound = {main_row['apply_over_bound']:.2f}, hook/bound = {main_row['hook_over_bound']:.2f}, "
+          f"numpy step/bound = {main_row['numpy_step_over_bound']:.2f}, "
           f"GluonTS/iteravg = {main_row.get('speedup_vs_gluonts', float('nan')):.0f} (target >= 50)")
     if args.json:
         with open(args.json, "w") as f:
