@@ -62,7 +62,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from . import _faults
 
 FORMAT = "iteravg-averaging-state"
-FORMAT_VERSION = 1
+#: Version 2 (iteravg 0.2): the averager's state nested under "averager", averaged.safetensors. Version 1 records
+#: (iteravg 0.1) are still read; the engine translates them (``core.records.averager_record``).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STATE_FILE = "averaging-state.json"
 PARAMS_FILE = "averaged.params"
 LATEST = "latest"
@@ -348,9 +351,10 @@ def _load_record(snap: Path, verify: bool) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an iteravg averaging state")
-    if state.get("format_version") != FORMAT_VERSION:
+    if state.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has format version {state.get('format_version')!r}; this iteravg reads version {FORMAT_VERSION}"
+            f"{path} has format version {state.get('format_version')!r}; this iteravg reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     if "record_sha256" in state:
         if state["record_sha256"] != record_digest(state):
