@@ -35,7 +35,7 @@ image:
 
 ## Multi-host jobs and faults across 3 containers (docker/README.md); HOSTS_ONLY=name,... for a subset.
 test-hosts:
-	image=$$(bash scripts/image.sh | tail -n 1) && python3 tests/hosts/suite.py "$$image"
+	set -o pipefail; image=$$(bash scripts/image.sh | tail -n 1) && python3 tests/hosts/suite.py "$$image"
 
 bench: setup
 	$(PY) benchmarks/bench_update.py

@@ -26,6 +26,16 @@
 # Only rank 0 writes checkpoints, report.json and val_loss.png: put --out / --checkpoint-dir on storage rank 0
 # can write. For --resume rank 0 reads and broadcasts, so the other hosts need no access to the checkpoints.
 # horovodrun forwards the launching shell's environment (PATH, OMP_NUM_THREADS, ITERAVG_*) to every rank.
+#
+# Containers as hosts (what `make test-hosts` runs; see docker/README.md): `launch/containers.sh up` starts
+# iteravg-h1..3 on a private podman (ENGINE=docker: docker) network, then from h1, one rank per host:
+#   podman exec iteravg-h1 horovodrun -np 3 -H h1:1,h2:1,h3:1 --network-interface eth0 iteravg train --out /runs/a
+#   podman exec iteravg-h1 horovodrun -np 3 -H h1:1,h2:1,h3:1 --network-interface eth0 --gloo iteravg train --out /runs/b
+# Failing fast when a host dies or is cut off (measured times in docs/launching.md): set on every host
+#   sysctl net.ipv4.tcp_retries2=5                      (~10-25 s instead of ~15 min for a silent peer)
+#   oob_tcp_keepalive_time = 5, _intvl = 2, _probes = 3 in openmpi-mca-params.conf (orted notices a lost launcher)
+#   ssh ServerAliveInterval 5 / sshd ClientAliveInterval 5
+# and export HOROVOD_STALL_CHECK_TIME_SECONDS=10 HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=30 before launching.
 set -euo pipefail
 
 # shellcheck source=launch/common.sh

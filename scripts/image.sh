@@ -17,6 +17,7 @@
 # (/usr/local/share/ca-certificates) are copied in, so pip works behind a TLS-intercepting proxy.
 # With docker (or BASE set) the Dockerfile's default python:3.11-slim-bookworm (or BASE) is used instead.
 set -euo pipefail
+{  # read whole before running: an edit of this file during a long build cannot derail it
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 ENGINE=${ENGINE:-podman}
@@ -25,7 +26,11 @@ log() { printf '[image] %s\n' "$*" >&2; }
 
 # 0. Tools: podman (+ runc, its OCI runtime here) and debootstrap, from apt if missing.
 need=()
-command -v "$ENGINE" >/dev/null 2>&1 || need+=("$ENGINE")
+if ! command -v "$ENGINE" >/dev/null 2>&1; then
+  need+=("$ENGINE")
+  # netavark (not the CNI plugins apt may pick without recommends) and iptables for its bridge rules.
+  [ "$ENGINE" = podman ] && need+=(netavark iptables)
+fi
 if [ "$ENGINE" = podman ]; then
   command -v runc >/dev/null 2>&1 || need+=(runc)
   [ -n "${BASE:-}" ] || command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
@@ -104,3 +109,5 @@ else
     | grep -v -e ":latest\$" -e "^$tag\$" | xargs -r "$ENGINE" rmi >/dev/null 2>&1 || true
 fi
 echo "$tag"
+exit 0
+}

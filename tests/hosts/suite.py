@@ -56,6 +56,7 @@ JOB_ENV = {
 }
 PROCESS_PATTERN = "python|orted|mpirun|horovodrun|prted"
 RESULTS: List[Dict[str, object]] = []
+INFO: Dict[str, str] = {}
 
 
 class Failure(AssertionError):
@@ -114,6 +115,13 @@ def wait_ssh(hosts: Sequence[str], timeout: float = 60) -> None:
 
 def setup(image: str) -> None:
     containers("up", image)  # removes a previous run's leftovers first
+    INFO["image"] = image
+    probe = ("import sys, importlib.util as u; from iteravg.core import _kernel; "
+             "print('C fold kernel' if _kernel.KERNELS else 'numpy fallback (no C kernel)', end='; '); "
+             "print('collective watchdog' if u.find_spec('iteravg.comm.watchdog') else 'no collective watchdog')")
+    proc = on("h1", "python", "-c", probe, check=False, timeout=120)
+    INFO["iteravg"] = proc.stdout.strip() if proc.returncode == 0 else f"probe failed: {proc.stderr.strip()[-200:]}"
+    log(f"image {image}: {INFO['iteravg']}")
 
 
 # -- launch commands (the exact commands docs/launching.md and docker/README.md quote) ---------------------
@@ -368,7 +376,8 @@ DEFAULT = list(SCENARIOS)
 
 def write_summary(path: Path, failures: Dict[str, str], elapsed: float) -> str:
     lines = [f"iteravg multi-host suite: hosts {', '.join(f'{h}={ip}' for h, ip in HOSTS.items())} "
-             f"(podman network {NETWORK}), {elapsed:.0f} s total", ""]
+             f"(podman network {NETWORK}), {elapsed:.0f} s total",
+             f"image {INFO.get('image', '?')}: {INFO.get('iteravg', '?')}", ""]
     lines.append(f"{'scenario':<58} {'launcher':<16} {'hosts':<9} {'s':>6}  result / time-to-failure")
     for r in RESULTS:
         detail = r["result"]
@@ -384,7 +393,8 @@ def write_summary(path: Path, failures: Dict[str, str], elapsed: float) -> str:
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    (path.parent / "summary.json").write_text(json.dumps({"results": RESULTS, "failures": failures}, indent=1))
+    (path.parent / "summary.json").write_text(json.dumps({"info": INFO, "results": RESULTS, "failures": failures},
+                                                         indent=1))
     return text
 
 
