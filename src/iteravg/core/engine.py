@@ -347,7 +347,7 @@ class Averager:
         constructor arguments win, the state supplies progress; returns the differing arguments (each warned
         about). ``tensors`` (layout name -> array) restore the average; they need a bound model or ``params``."""
         diffs = self.schedule.load_state_dict(state["schedule"])
-        for arg, old, new in diffs:
+        for arg, old, new in diffs if self.comm.rank == 0 else ():  # every rank applies it, rank 0 says it
             logger.warning("iteravg: resuming with %s=%r; the checkpoint was written with %s=%r (the constructor's "
                            "value is used)", arg, new, arg, old)
         self._epochs_done = int(state.get("epochs_done", 0))
