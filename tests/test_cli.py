@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from iteravg.comm import RANK_ENV
 from iteravg.mx import cli
 
 sys.path.insert(0, str(Path(__file__).parent / "multirank"))
@@ -23,7 +24,7 @@ TINY = ["--epochs", "3", "--hidden", "8", "--batch-size", "32", "--nta-n", "1"]
 
 @pytest.fixture(autouse=True)
 def no_launcher(monkeypatch):
-    for key in cli._RANK_ENV:
+    for key in RANK_ENV:
         monkeypatch.delenv(key, raising=False)
 
 

@@ -31,6 +31,20 @@ _BACKENDS = ("horovod", "mpi", "local")
 _instances: Dict[str, Communicator] = {}
 
 
+#: Where launchers put this process's rank: horovodrun, Open MPI's mpirun, MPICH / PMI, PMIx, SLURM's srun.
+RANK_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher's environment says (0 without a launcher), without initialising MPI or
+    Horovod: for deciding who prints before any communicator exists (usage errors, construction warnings)."""
+    for key in RANK_ENV:
+        text = os.environ.get(key, "").strip()
+        if text.isdigit():
+            return int(text)
+    return 0
+
+
 def _launched_by_horovodrun() -> bool:
     return "HOROVOD_RANK" in os.environ or "HOROVOD_HOSTNAME" in os.environ
 

@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Union
 
 import mxnet as mx
 
-from ..comm import get_comm
+from ..comm import get_comm, launcher_rank
 from . import _run
 
 logger = logging.getLogger("iteravg")
@@ -93,6 +93,13 @@ def _is_iteration_averaging(cb: Any) -> bool:
     return isinstance(cb, (GluonTSMIA, ModelIterationAveraging))
 
 
+def _warn_once(msg: str) -> None:
+    """A construction-time warning, said by rank 0 only (every rank constructs the same Trainer)."""
+    if launcher_rank() == 0:
+        warnings.warn(msg, stacklevel=4)
+        logger.warning(msg)
+
+
 def _default_callbacks(callbacks: List[Any], learning_rate: float, add_default_callbacks: bool) -> List[Any]:
     """GluonTS's default callbacks, minus ``ModelAveraging`` when an iteration-averaging callback is present."""
     callbacks = list(callbacks)
@@ -101,16 +108,14 @@ def _default_callbacks(callbacks: List[Any], learning_rate: float, add_default_c
     if averaging_at and selecting_at and max(selecting_at) > min(averaging_at):
         msg = ("iteravg.gluonts.Trainer: the ModelAveraging callback comes after a ModelIterationAveraging callback; "
                "at train end it replaces the iteration-averaged network with its own average of the best epochs")
-        warnings.warn(msg, stacklevel=3)
-        logger.warning(msg)
+        _warn_once(msg)
     if not add_default_callbacks:
         return callbacks
     if averaging_at and not selecting_at:
         msg = ("iteravg.gluonts.Trainer: GluonTS's default ModelAveraging callback is left out because the callbacks "
                "hold a ModelIterationAveraging: at train end it would replace the iteration-averaged network with "
                "the best epoch's parameters. Pass ModelAveraging(...) in callbacks to have it anyway.")
-        warnings.warn(msg, stacklevel=3)
-        logger.warning(msg)
+        _warn_once(msg)
     elif not selecting_at:
         callbacks.append(ModelAveraging(avg_strategy=_select_best()))
     if not any(isinstance(cb, LearningRateReduction) for cb in callbacks):

@@ -23,23 +23,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
+from iteravg.comm import launcher_rank
+
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
-_RANK_ENV = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
-
 
 class UsageError(ValueError):
     """A problem with the command line or its inputs: one line, exit code 2."""
-
-
-def launcher_rank() -> int:
-    """This process's rank as the launcher's environment says (0 without a launcher); no MPI initialised."""
-    for key in _RANK_ENV:
-        text = os.environ.get(key, "").strip()
-        if text.isdigit():
-            return int(text)
-    return 0
 
 
 def usage_error(prog: str, message: str) -> int:
