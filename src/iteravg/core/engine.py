@@ -226,19 +226,22 @@ class Averager:
         self._epochs_done = self._epochs_done + 1 if epoch is None else int(epoch)
         self.bind(params)  # the first epoch end checks that all ranks hold the same model, averaging or not
         self.update_trigger(metric, self._epochs_done)
-        if fold and self.schedule.averaging_started:
+        folded = fold and self.schedule.averaging_started  # replicated: the trigger was agreed
+        if folded:
             self.fold(params)
-        self.sync()
+        self.sync(all_ranks_folded=folded)
         return self.schedule.averaging_started
 
-    def sync(self) -> None:
+    def sync(self, *, all_ranks_folded: bool = False) -> None:
         """Make the averaged model bitwise identical on every rank (collective; call on all ranks alike).
 
         Whether anything needs syncing is agreed first (one tiny allreduce), so a rank that folded less often
         still takes part; unchanged buffers are not re-synced (a mean over 3 ranks can change the last bit).
+        ``all_ranks_folded=True`` skips that round trip: pass it only right after a fold that every rank made at
+        the same point (the epoch-end fold once averaging runs), where the answer is known to be yes everywhere.
         """
         with collectives.phase("sync"):
-            if not collectives.any_rank(self.comm, self._dirty):
+            if not all_ranks_folded and not collectives.any_rank(self.comm, self._dirty):
                 return
             if self._state is None:
                 raise collectives.CollectiveError(

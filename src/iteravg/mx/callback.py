@@ -191,9 +191,10 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             strategy.bind(training_network)  # first epoch end: ranks check they hold the same model (collective)
             started_before = strategy.averaging_started
             strategy.update_average_trigger(metric=epoch_loss, epoch=epoch_no + 1)
-            if strategy.averaging_started and (self.recount_epoch_end or not started_before):
+            folded = strategy.averaging_started and (self.recount_epoch_end or not started_before)  # replicated
+            if folded:
                 strategy.update_average(training_network, check_arrays=True)
-            strategy.sync_average()
+            strategy.averager.sync(all_ranks_folded=folded)
             self._epochs_done = epoch_no + 1
             self._checkpoint("epoch_end")
         return True
