@@ -74,7 +74,7 @@ def test_mpi4py_exception_on_one_rank_aborts_the_job_in_seconds(tmp_path):
 
 
 def _assert_watchdog_message(text: str) -> None:
-    assert f"collective 'iteravg.dirty'" in text, text[-3000:]
+    assert "collective 'iteravg.dirty'" in text, text[-3000:]
     assert "from hook 'on_validation_end'" in text
     assert f"past the deadline of {DEADLINE} s (ITERAVG_COLLECTIVE_TIMEOUT)" in text
     assert "ranks that did not arrive: [1]" in text

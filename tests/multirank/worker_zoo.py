@@ -10,7 +10,6 @@ OUT_DIR/rank{r}.json (comm name, per-case counter or error). A case that raises 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path

@@ -316,8 +316,8 @@ class Averager:
             elif self.refused_nonfinite or self.schedule.averaging_started:
                 logger.warning(
                     "iteravg: no iterate could be averaged (%d refused because they held NaN or inf); the model is "
-                    "%s's last iterate", self.refused_nonfinite,
-                    "rank 0" if self.comm.size > 1 else "the")
+                    "%s", self.refused_nonfinite,
+                    "rank 0's last iterate, on every rank" if self.comm.size > 1 else "the last iterate")
             else:
                 logger.info("iteravg: averaging never started; the model is the last iterate")
             if self.comm.size > 1:
