@@ -14,6 +14,9 @@ Collectives issued, by when:
 name                        what                                                   when
 ==========================  ====================================================  ============================
 ``iteravg.layout``          allgather of a layout digest (+ broadcast on mismatch)  first bind of a model
+``iteravg.pieces[.count]``  allgather of every rank's piece table                   first bind of a sharded state
+``iteravg.gather[.size].g`` allgather of every rank's shard of dtype group g        snapshots of a sharded state
+``iteravg.resume.<g>``      broadcast of a whole dtype group from rank 0           resume of a sharded state
 ``iteravg.metric``          allgather of the epoch metric                           NTA decision epochs only
 ``iteravg.dirty``           allreduce-max of "folded since the last sync"          before hook-level syncs
 ``iteravg.source``          allreduce-min of "lowest rank holding an average"       ``sync="broadcast"`` syncs
@@ -48,7 +51,6 @@ import numpy as np
 from . import _faults
 from .comm import Communicator
 from .comm.watchdog import current_phase, get_timeout, phase, set_timeout
-from .core._kernel import scale_and_word_sums
 from .core.averaged import AveragedState, Layout
 
 __all__ = [
@@ -269,29 +271,63 @@ def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g:
 
     A rank whose every iterate so far was refused (NaN/inf) holds nothing; averaging its empty buffer in
     would pull the mean towards zero. Each rank puts 1 (has data) or 0 in the buffer's trailing slot and
-    zeroes an empty buffer, so after a *sum* allreduce the slot counts the contributors; every rank then multiplies
-    by ``1/contributors``. The op is always ``sum``, whatever the dtype and whether the C kernel compiled.
-
-    float32: the division and the fingerprint that checks the ranks agree are one pass (C kernel, or numpy with
-    the same bits); returns that pass's word sums for ``fingerprint``. float16 is scaled in float32 and rounded
-    once; other dtypes are scaled in their own precision (returns ``None``).
+    zeroes an empty buffer (``state.mark_contribution``), so after a *sum* allreduce the slot counts the
+    contributors; every rank then multiplies by ``1/contributors`` (``state.scale``, which may return the word sums
+    of the result for the fingerprint). The op is always ``sum``, whatever the dtype and the kind of state.
     """
-    buf = state.sync_view(g)
-    if has_data:
-        buf[-1] = 1
-    else:
-        buf[:] = 0
-    data = state.current(g)
-    comm.allreduce_(buf, op="sum", name=f"iteravg.avg.{g}", native=state.native(g))
-    contributors = int(round(float(buf[-1])))
-    scale = 1.0 / contributors if contributors else 0.0
-    if data.dtype == np.float32:
-        return scale_and_word_sums(data, scale)
-    if data.dtype.itemsize < 4:
-        np.multiply(data, np.float32(scale), out=data, dtype=np.float32, casting="unsafe")
-    else:
-        np.multiply(data, data.dtype.type(scale), out=data)
-    return None
+    state.mark_contribution(g, has_data)
+    comm.allreduce_(state.sync_view(g), op="sum", name=f"iteravg.avg.{g}", native=state.native(g))
+    contributors = state.contributors(g)
+    return state.scale(g, 1.0 / contributors if contributors else 0.0)
+
+
+# -- sharded averaged state (FSDP2): each rank holds its own pieces -------------------------------
+def exchange_pieces(comm: Communicator, table: np.ndarray) -> List[np.ndarray]:
+    """Every rank's piece table (``core.partition``): an allgather of the row counts, then of the padded tables.
+    Once, when a sharded state is bound; the gathers of snapshots use the tables to place every rank's pieces."""
+    if comm.size == 1:
+        return [table]
+    counts = comm.allgather(np.array([table.shape[0]], dtype=np.int64), name="iteravg.pieces.count")[:, 0]
+    width = int(counts.max())
+    padded = np.zeros((width, 4), dtype=np.int64)
+    padded[: table.shape[0]] = table
+    rows = comm.allgather(padded.reshape(-1), name="iteravg.pieces")
+    return [rows[r].reshape(width, 4)[: int(counts[r])] for r in range(comm.size)]
+
+
+def gather_average(comm: Communicator, state: Any, tables: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """The whole averaged model as layout-order host buffers, one per dtype group, on every rank: one allgather per
+    group of every rank's sharded part (padded to the longest), placed by the piece tables; the replicated part is
+    this rank's own (identical everywhere after a sync). Peak extra memory: one copy of the model."""
+    from .core.partition import assemble_group  # noqa: WPS433
+
+    part = state.partition
+    out = []
+    for g, (dt, n) in enumerate(zip(state.layout.groups, state.layout.group_sizes)):
+        own = state.shard_host(g)
+        if comm.size == 1:
+            shards = [own]
+        else:
+            sizes = comm.allgather(np.array([own.size], dtype=np.int64), name=f"iteravg.gather.size.{g}")[:, 0]
+            row = np.zeros(int(sizes.max()), dtype=own.dtype)
+            row[: own.size] = own
+            rows = comm.allgather(row, name=f"iteravg.gather.{g}")
+            shards = [rows[r][: int(sizes[r])] for r in range(comm.size)]
+        full = np.empty(n, dtype=np.dtype(dt))
+        assemble_group(part, g, state.replicated_host(g), tables, shards, full)
+        out.append(full)
+    return out
+
+
+def broadcast_groups(comm: Communicator, groups: Optional[List[np.ndarray]], layout: Layout,
+                     root: int = 0) -> List[np.ndarray]:
+    """Root's whole layout-order host buffers on every rank (others pass None): resume of a sharded state."""
+    out = groups if comm.rank == root and groups is not None else \
+        [np.empty(n, dtype=np.dtype(dt)) for dt, n in zip(layout.groups, layout.group_sizes)]
+    for g, arr in enumerate(out):
+        if comm.size > 1:
+            comm.broadcast_(arr, root=root, name=f"iteravg.resume.{g}")
+    return out
 
 
 def broadcast_average(comm: Communicator, state: AveragedState, name: str = "iteravg.avg", root: int = 0) -> None:
@@ -318,8 +354,7 @@ def _maybe_inject_divergence(comm: Communicator, state: AveragedState) -> bool:
     """Testing switch ``ITERAVG_FAULT=diverge-after-allreduce:R``: flip the lowest bit of rank R's first element.
     Returns True if it did (precomputed fingerprints are then stale)."""
     if _faults.diverging_rank() == comm.rank:
-        buf = state.current(0)
-        buf[:1].view(np.uint8)[0] ^= 1
+        state.flip_lowest_bit()
         return True
     return False
 

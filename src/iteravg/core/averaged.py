@@ -24,9 +24,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._kernel import KERNELS, pointer_table, word_sums
+from ._kernel import KERNELS, pointer_table, scale_and_word_sums, word_sums
 
-__all__ = ["TensorSpec", "Layout", "AveragedState", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint"]
+__all__ = ["TensorSpec", "Layout", "AveragedState", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint",
+           "chain_fingerprint"]
 
 #: Elements per bucket: 64 Ki float32 = 256 KiB, comfortably inside L2 with its scratch.
 BUCKET_ELEMS = 1 << 16
@@ -182,6 +183,7 @@ class AveragedState:
 
     def __init__(self, layout: Layout, alloc: Allocator = numpy_allocator) -> None:
         self.layout = layout
+        self._alloc = alloc
         self._buffers: List[List[Tuple[np.ndarray, Any]]] = [
             [alloc(n + 1, np.dtype(dt)), alloc(n + 1, np.dtype(dt))] for dt, n in zip(layout.groups, layout.group_sizes)
         ]
@@ -258,6 +260,69 @@ class AveragedState:
         """Cheap 128-bit content fingerprint (see ``fingerprint``) of the current average, as two int64."""
         return fingerprint([self.current(g) for g in range(len(self.layout.groups))], word_sums_of)
 
+    # -- what the engine asks of every kind of averaged state (``core.state.AveragedStateLike``) ------
+    device = "cpu"
+
+    def fold_source(self, source: Any, alpha: float) -> FoldResult:
+        """Fold ``source``'s current iterate (a ``ParamSource`` over numpy views)."""
+        return self.fold(source.plan(), alpha)
+
+    def host_tensors(self) -> Dict[str, np.ndarray]:
+        """name -> zero-copy host view of the averaged tensor (valid until the next fold)."""
+        return {spec.name: self.tensor(spec.name) for spec in self.layout.specs}
+
+    def new_buffers(self) -> List[Tuple[np.ndarray, Any]]:
+        """Fresh ``(flat view, native handle)`` buffers shaped like the state, one per dtype group (the swap cache,
+        the final-weights broadcast); made by the state's allocator, so communicators can use them in place."""
+        return [self._alloc(n, np.dtype(dt)) for dt, n in zip(self.layout.groups, self.layout.group_sizes)]
+
+    def read_params(self, source: Any, buffers: Sequence[Tuple[np.ndarray, Any]]) -> None:
+        """Copy the model's parameters into ``buffers`` (from ``new_buffers``)."""
+        source.read([b[0][:n] for b, n in zip(buffers, self.layout.group_sizes)])
+
+    def write_params(self, source: Any, buffers: Optional[Sequence[Tuple[np.ndarray, Any]]] = None) -> None:
+        """Set the model's parameters from ``buffers``, or from the average when ``buffers`` is None."""
+        if buffers is None:
+            source.write([self.current(g) for g in range(len(self.layout.groups))])
+        else:
+            source.write([b[0][:n] for b, n in zip(buffers, self.layout.group_sizes)])
+
+    partitioned = False  # every rank holds the whole average (sharding: ``core.partition``)
+
+    def replicated_part(self, buffer: Tuple[np.ndarray, Any], g: int) -> Tuple[np.ndarray, Any]:
+        return buffer
+
+    # -- what ``collectives.sync_average`` asks of a state ---------------------------------------
+    def mark_contribution(self, g: int, has_data: bool) -> None:
+        """Before a sum-allreduce of group ``g``: 1 in the trailing slot if this rank holds an average, else all
+        zeros (an empty rank must not pull the mean towards zero)."""
+        buf = self.sync_view(g)
+        if has_data:
+            buf[-1] = 1
+        else:
+            buf[:] = 0
+
+    def contributors(self, g: int) -> int:
+        """After the sum-allreduce: how many ranks contributed (the trailing slot's sum)."""
+        return int(round(float(self.sync_view(g)[-1])))
+
+    def scale(self, g: int, factor: float) -> Optional[tuple]:
+        """``avg *= factor`` for group ``g`` (the mean's division). float32: one pass that also returns the word
+        sums of the result for ``fingerprint`` (C kernel, or numpy with the same bits); float16 is scaled in
+        float32 and rounded once; other dtypes in their own precision (returns ``None``)."""
+        data = self.current(g)
+        if data.dtype == np.float32:
+            return scale_and_word_sums(data, factor)
+        if data.dtype.itemsize < 4:
+            np.multiply(data, np.float32(factor), out=data, dtype=np.float32, casting="unsafe")
+        else:
+            np.multiply(data, data.dtype.type(factor), out=data)
+        return None
+
+    def flip_lowest_bit(self) -> None:
+        """Testing only (``ITERAVG_FAULT=diverge-after-allreduce``): corrupt the first element's lowest bit."""
+        self.current(0)[:1].view(np.uint8)[0] ^= 1
+
 
 def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
     """128-bit content fingerprint of a list of buffers, as two int64: sensitive to every bit and to position.
@@ -271,10 +336,7 @@ def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Op
     numpy. It is not a cryptographic hash: checkpoint files are additionally protected by SHA-256.
     ``word_sums_of[i]``, if given, is buffer i's word sums already computed by a pass that read it anyway.
     """
-    mask = (1 << 64) - 1
-    mult = 0xD6E8FEB86659FD93
-    total = 0
-    xor = 0
+    parts = []
     for i, arr in enumerate(arrays):
         raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         n8 = raw.size // 8 * 8
@@ -284,7 +346,23 @@ def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Op
         if raw.size > n8:
             tail = np.frombuffer(raw[n8:].tobytes().ljust(8, b"\0"), dtype=np.uint64)
             ts, tx = word_sums(tail, start=n8 // 8)
-            s, x = (s + int(ts)) & mask, x ^ int(tx)
-        total = (total * mult + s + raw.size) & mask
-        xor = (((xor << 1) | (xor >> 63)) & mask) ^ x
+            s, x = (s + int(ts)) & _MASK64, x ^ int(tx)
+        parts.append((s, x, raw.size))
+    return chain_fingerprint(parts)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def chain_fingerprint(parts: Sequence[Tuple[int, int, int]]) -> np.ndarray:
+    """Chain per-buffer ``(word sum, word xor, byte size)`` into the 128-bit fingerprint, as two int64.
+
+    Shared by every kind of averaged state, so a fingerprint computed where the tensors live (torch on a GPU) has
+    the same bits as the numpy one a checkpoint reader recomputes."""
+    mult = 0xD6E8FEB86659FD93
+    total = 0
+    xor = 0
+    for s, x, nbytes in parts:
+        total = (total * mult + int(s) + int(nbytes)) & _MASK64
+        xor = (((xor << 1) | (xor >> 63)) & _MASK64) ^ int(x)
     return np.array([total, xor], dtype=np.uint64).view(np.int64)

@@ -37,9 +37,9 @@ import numpy as np
 
 from .. import __version__, checkpoint, collectives
 from ..comm import Communicator, resolve_comm
-from .averaged import Allocator, AveragedState, Layout, numpy_allocator
+from .averaged import Allocator, AveragedState, Layout, fingerprint, numpy_allocator
 from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
-                      first_layout_difference, flatten_tensors)
+                      first_layout_difference, flatten_tensors, unflatten_groups)
 from .schedules import Schedule
 from .sources import ArraySource, Params, ParamSource
 from .tensorfile import TensorFileError, load_tensors, save_tensors
@@ -107,6 +107,7 @@ class Averager:
         self._layout_checked = False
         self._has_average = False  # the buffers hold an average (False again after ``reset``)
         self._cache: Optional[List[Tuple[np.ndarray, Any]]] = None
+        self._tables: List[np.ndarray] = []  # every rank's pieces, for a sharded state
         self._dirty = False  # a fold was attempted since the last sync
         self._since_sync = 0
         self._epochs_done = 0
@@ -138,12 +139,17 @@ class Averager:
         return 0 if self._state is None else self._state.refused_nonfinite
 
     def averaged(self) -> Optional[Dict[str, np.ndarray]]:
-        """name -> zero-copy view of the averaged tensor (valid until the next fold; ``.copy()`` to keep), or
-        ``None`` before anything was averaged. After ``sync`` (or ``epoch_end``) identical on every rank."""
+        """name -> host array of the averaged tensor, or ``None`` before anything was averaged. numpy state: a
+        zero-copy view (valid until the next fold; ``.copy()`` to keep); torch state: a host copy. After ``sync``
+        (or ``epoch_end``) identical on every rank. A sharded state (FSDP2) is gathered: collective, call it on every
+        rank alike."""
         if not self.has_average:
             return None
         assert self._state is not None
-        return {spec.name: self._state.tensor(spec.name) for spec in self._state.layout.specs}
+        if self._state.partitioned:
+            return unflatten_groups(self._state.layout, collectives.gather_average(self.comm, self._state,
+                                                                                   self._tables))
+        return self._state.host_tensors()
 
     # -- binding a model -------------------------------------------------------------------------
     def bind(self, params: Params) -> ParamSource:
@@ -155,7 +161,10 @@ class Averager:
             collectives.check_same_layout(self.comm, src.layout)
             self._layout_checked = True
         if self._state is None:
-            self._state = AveragedState(src.layout, alloc=self._alloc)
+            make_state = getattr(src, "make_state", None)  # a source whose tensors live elsewhere (torch, CUDA)
+            self._state = make_state() if make_state is not None else AveragedState(src.layout, alloc=self._alloc)
+            if self._state.partitioned:  # sharded tensors (FSDP2): every rank learns where the others' pieces are
+                self._tables = collectives.exchange_pieces(self.comm, self._state.partition.table())
         elif src.layout != self._state.layout:
             raise ValueError(
                 "the model's parameters changed (names, shapes or dtypes) since averaging began; an Averager "
@@ -170,7 +179,7 @@ class Averager:
             if isinstance(current, ArraySource) and current.same_arrays(params):
                 return current
             return ArraySource(params)
-        if all(hasattr(params, a) for a in ("layout", "plan", "read", "write", "fold_weight")):
+        if all(hasattr(params, a) for a in ("layout", "read", "write", "fold_weight")):
             return params
         raise ValueError(f"params must be a mapping of name -> numpy array or a ParamSource, got {params!r}")
 
@@ -191,7 +200,7 @@ class Averager:
         src = self.bind(params)
         assert self._state is not None
         alpha = src.fold_weight(self.schedule.peek_weight()) if self._has_average else 1.0
-        result = self._state.fold(src.plan(), alpha)
+        result = self._state.fold_source(src, alpha)
         # Sync bookkeeping counts attempts, not successful folds: it must not depend on a rank's NaNs.
         self._dirty = True
         self._since_sync += 1
@@ -271,16 +280,16 @@ class Averager:
         state = self._state
         assert state is not None
         if self._cache is None:
-            self._cache = [self._alloc(n, np.dtype(dt)) for dt, n in zip(state.layout.groups, state.layout.group_sizes)]
-        src.read([c[0][:n] for c, n in zip(self._cache, state.layout.group_sizes)])
-        src.write([state.current(g) for g in range(len(state.layout.groups))])
+            self._cache = state.new_buffers()
+        state.read_params(src, self._cache)
+        state.write_params(src)
         return True
 
     def restore_training(self, params: Params) -> bool:
         """Put back the training weights saved by the last ``load_averaged`` (no-op, False, if none were saved)."""
         if self._cache is None or self._state is None:
             return False
-        self.bind(params).write([c[0][:n] for c, n in zip(self._cache, self._state.layout.group_sizes)])
+        self._state.write_params(self.bind(params), self._cache)
         return True
 
     def cached(self) -> Optional[List[Tuple[np.ndarray, Any]]]:
@@ -321,11 +330,12 @@ class Averager:
             else:
                 logger.info("iteravg: averaging never started; the model is the last iterate")
             if self.comm.size > 1:
-                bufs = [self._alloc(n, np.dtype(dt)) for dt, n in zip(state.layout.groups, state.layout.group_sizes)]
-                src.read([b[0][:n] for b, n in zip(bufs, state.layout.group_sizes)])
-                collectives.broadcast_arrays(self.comm, [b[0] for b in bufs], [b[1] for b in bufs],
+                bufs = state.new_buffers()
+                state.read_params(src, bufs)
+                shared = [state.replicated_part(b, g) for g, b in enumerate(bufs)]  # never another rank's shard
+                collectives.broadcast_arrays(self.comm, [b[0] for b in shared], [b[1] for b in shared],
                                              name="iteravg.final_weights")
-                src.write([b[0][:n] for b, n in zip(bufs, state.layout.group_sizes)])
+                state.write_params(src, bufs)
             return False
 
     # -- state -----------------------------------------------------------------------------------
@@ -341,7 +351,8 @@ class Averager:
             out["layout"] = self._state.layout.describe()
         if self.has_average:
             assert self._state is not None
-            out["fingerprint"] = fingerprint_hex(self._state.fingerprint())
+            if not self._state.partitioned:  # a sharded state's fingerprint needs the gathered whole (snapshots)
+                out["fingerprint"] = fingerprint_hex(self._state.fingerprint())
         return out
 
     def load_state_dict(self, state: Dict[str, Any], tensors: Optional[Mapping[str, np.ndarray]] = None,
@@ -368,13 +379,27 @@ class Averager:
         return diffs
 
     # -- snapshots: rank 0 writes, every rank loads ----------------------------------------------
-    def snapshot_contents(self) -> Tuple[Dict[str, Callable[[Path], None]], Dict[str, Any]]:
-        """(files, state record) of this averager for a snapshot; no collective (rank 0 calls it, synced)."""
+    def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None
+                          ) -> Tuple[Dict[str, Callable[[Path], None]], Dict[str, Any]]:
+        """(files, state record) of this averager for a snapshot; no collective (rank 0 calls it, synced).
+        ``averaged`` is the host average when the caller already has it (a sharded state's gathered whole)."""
         files: Dict[str, Callable[[Path], None]] = {}
-        averaged = self.averaged()
+        record = self.state_dict()
+        averaged = self.averaged() if averaged is None else averaged
         if averaged is not None:
-            files[AVERAGED_FILE] = lambda path: save_tensors(path, averaged, {"format": "iteravg-averaged"})
-        return files, {"averager": self.state_dict(), "iteravg_version": __version__}
+            carried = self._carried()
+            if carried:  # non-averaged entries (BatchNorm's counters), so the file loads into the model strictly
+                record["carried"] = sorted(carried)
+            contents = dict(averaged, **carried)
+            files[AVERAGED_FILE] = lambda path: save_tensors(path, contents, {"format": "iteravg-averaged"})
+            if "fingerprint" not in record:
+                record["fingerprint"] = fingerprint_hex(fingerprint(flatten_tensors(self._state.layout, averaged,
+                                                                                    "the average")))
+        return files, {"averager": record, "iteravg_version": __version__}
+
+    def _carried(self) -> Dict[str, np.ndarray]:
+        carried = getattr(self._source, "carried_host", None)
+        return carried() if carried is not None else {}
 
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
              extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
@@ -384,9 +409,10 @@ class Averager:
         epoch = self._epochs_done if epoch is None else int(epoch)
         with collectives.phase(f"save ({stage})"):
             self.sync()
+            gathered = self.averaged() if self._state is not None and self._state.partitioned else None
 
             def write() -> Path:
-                files, record = self.snapshot_contents()
+                files, record = self.snapshot_contents(gathered)
                 files.update(extra_files or {})
                 record.update(epoch=epoch, stage=stage, world_size=self.comm.size, comm=self.comm.name,
                               extra=dict(extra_state or {}))
@@ -422,6 +448,7 @@ class Averager:
                 raise checkpoint.CheckpointError(f"checkpoint {os.fspath(checkpoint_dir)}: {exc}") from exc
             if state.get("has_average"):
                 live = self._state
+                groups: List[Optional[List[np.ndarray]]] = [None]
 
                 def read_tensors() -> None:
                     snap, rec = found["snap"], found["record"]
@@ -434,12 +461,20 @@ class Averager:
                         tensors = legacy_reader(snap, rec)
                     else:
                         raise checkpoint.CheckpointError(f"{snap} holds no {AVERAGED_FILE}")
-                    live.load_flat(flatten_tensors(live.layout, tensors, str(snap)))
-                    if state.get("fingerprint") and fingerprint_hex(live.fingerprint()) != state["fingerprint"]:
+                    for name in state.get("carried", ()):  # written for strict loads, never averaged
+                        tensors.pop(name, None)
+                    flat = flatten_tensors(live.layout, tensors, str(snap))
+                    if state.get("fingerprint") and fingerprint_hex(fingerprint(flat)) != state["fingerprint"]:
                         raise checkpoint.CheckpointError(f"{snap}: the averaged model does not match the fingerprint "
                                                          "in its state record")
+                    groups[0] = flat
 
                 collectives.run_on_root(self.comm, read_tensors, "loading the averaged model")
-                collectives.broadcast_average(self.comm, live)
+                if live.partitioned:  # every rank keeps its own pieces of the whole
+                    live.load_flat(collectives.broadcast_groups(self.comm, groups[0], live.layout))
+                else:
+                    if groups[0] is not None:
+                        live.load_flat(groups[0])
+                    collectives.broadcast_average(self.comm, live)
                 self._has_average = True
             return record

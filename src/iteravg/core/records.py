@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from .. import checkpoint
 from .averaged import Layout, TensorSpec
 from .tensorfile import TensorFileError, load_tensors
 
-__all__ = ["AVERAGED_FILE", "LegacyReader", "fingerprint_hex", "averager_record", "flatten_tensors",
+__all__ = ["AVERAGED_FILE", "LegacyReader", "fingerprint_hex", "averager_record", "flatten_tensors", "unflatten_groups",
            "first_layout_difference", "describe_snapshot"]
 
 #: The averaged model in every snapshot, by layout name, in the safetensors format.
@@ -54,6 +54,15 @@ def flatten_tensors(layout: Layout, tensors: Mapping[str, np.ndarray], where: st
         g, start = layout.offsets[spec.name]
         groups[g][start : start + spec.size] = arr.reshape(-1)
     return groups
+
+
+def unflatten_groups(layout: Layout, groups: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+    """Flat per-dtype arrays in ``layout``'s order -> name -> array (views into ``groups``)."""
+    out = {}
+    for spec in layout.specs:
+        g, start = layout.offsets[spec.name]
+        out[spec.name] = groups[g][start:start + spec.size].reshape(spec.shape)
+    return out
 
 
 def first_layout_difference(a: list, b: list) -> str:
@@ -98,6 +107,8 @@ def describe_snapshot(checkpoint_dir: os.PathLike,
                 tensors = legacy_reader(snap, record)
             else:
                 raise checkpoint.CheckpointError(f"{snap} holds no {AVERAGED_FILE}")
+            for name in state.get("carried", ()):  # non-averaged entries written for strict loads
+                tensors.pop(name, None)
             actual = fingerprint_hex(fingerprint(flatten_tensors(layout, tensors, str(snap))))
             if state.get("fingerprint") and actual != state["fingerprint"]:
                 problems.append(f"the averaged model's fingerprint {actual} != recorded {state['fingerprint']}")

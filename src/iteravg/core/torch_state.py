@@ -1,0 +1,269 @@
+"""The averaged state as torch tensors on the parameters' device (CPU or CUDA), folded with ``_foreach`` ops.
+
+Why a second kind of state: the numpy state (``core.averaged``) lives on the host, so a CUDA model would pay a
+device-to-host copy of the whole model every step. Here the average of each dtype group is one flat tensor on the
+parameters' device, and one fold is a couple of fused ``torch._foreach_*`` calls over all tensors: O(1) Python calls
+per step, no host copy, no communication.
+
+The fold is ``torch._foreach_lerp_(avg, x, alpha)``: ``avg + alpha * (x - avg)``, the very op
+``torch.optim.swa_utils.get_swa_multi_avg_fn`` / ``get_ema_multi_avg_fn`` use, so the average matches
+``AveragedModel(multi_avg_fn=...)`` on the same iterates bit for bit. The update is in place on the one buffer
+(memory traffic at the bandwidth bound: read x, read avg, write avg); an iterate holding a NaN or inf is refused
+*before* it touches the average, from the ``_foreach_norm(inf)`` of the iterate (one more read of x and one small
+device-to-host copy of a flag per step; ``check_finite=False`` drops both). Unlike the numpy state, an overflow
+inside the fold itself (``|x - avg|`` beyond the dtype's range, i.e. a model already at ~1e38) is not caught here.
+
+Everything the engine and ``collectives.sync_average`` ask (``fold_source``, swaps, the contributor count, the
+scale, the fingerprint) runs where the tensors live. The fingerprint has the same bits as the numpy one
+(``averaged.fingerprint``), so a checkpoint written from a GPU verifies on any host.
+
+This module imports torch; ``import iteravg`` never imports it (only ``iteravg.torch`` does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .averaged import FoldResult, Layout, chain_fingerprint
+from .partition import Partition, Piece, full_pieces
+
+__all__ = ["TorchAveragedState", "torch_word_sums", "torch_fingerprint", "TORCH_DTYPES"]
+
+#: numpy dtype name <-> torch dtype, for the dtypes a Layout can hold.
+TORCH_DTYPES: Dict[str, torch.dtype] = {"float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+#: The fingerprint's constants (``_foldkernel.c``) as signed int64: torch has no uint64 arithmetic, and two's
+#: complement wrapping gives the same bits.
+_G = 0x9E3779B97F4A7C15 - (1 << 64)
+_M = 0xD6E8FEB86659FD93 - (1 << 64)
+_MASK64 = (1 << 64) - 1
+#: Words per fingerprint chunk: bounds the temporaries (3 int64 per word) to ~100 MB whatever the model size.
+_CHUNK_WORDS = 1 << 22
+
+
+def torch_word_sums(words: torch.Tensor, start: int = 0) -> Tuple[int, int]:
+    """(wrapping sum, xor) of the position-mixed 8-byte words of ``words`` (int64, 1-D), positions from ``start``:
+    ``h_i = m ^ (m >>> 32)``, ``m = (w_i ^ (i * G)) * M`` -- ``core._kernel.word_sums`` computed on the device."""
+    total, xor = 0, 0
+    for lo in range(0, words.numel(), _CHUNK_WORDS):
+        w = words[lo:lo + _CHUNK_WORDS]
+        h = torch.arange(start + lo, start + lo + w.numel(), dtype=torch.int64, device=w.device)
+        h.mul_(_G).bitwise_xor_(w).mul_(_M)
+        h.bitwise_xor_(h.bitwise_right_shift(32).bitwise_and_(0xFFFFFFFF))  # logical shift: mask the sign bits
+        total = (total + int(h.sum())) & _MASK64
+        xor ^= _xor_reduce(h) & _MASK64
+    return total, xor
+
+
+def _xor_reduce(h: torch.Tensor) -> int:
+    """XOR of all elements (torch has no xor reduction): halve the tensor until one element is left."""
+    acc = 0
+    while h.numel() > 1:
+        if h.numel() % 2:
+            acc ^= int(h[-1])
+            h = h[:-1]
+        half = h.numel() // 2
+        h = h[:half] ^ h[half:]
+    if h.numel():
+        acc ^= int(h[0])
+    return acc
+
+
+def _buffer_sums(flat: torch.Tensor) -> Tuple[int, int, int]:
+    """(sum, xor, byte size) of one contiguous 1-D float buffer, the numpy fingerprint's per-buffer part."""
+    nbytes = flat.numel() * flat.element_size()
+    per_word = 8 // flat.element_size()
+    n8 = flat.numel() // per_word * per_word
+    s, x = torch_word_sums(flat[:n8].view(torch.int64)) if n8 else (0, 0)
+    if n8 < flat.numel():  # a trailing partial word, zero-padded (little-endian)
+        raw = flat[n8:].cpu().numpy().tobytes().ljust(8, b"\0")
+        tail = torch.tensor([int.from_bytes(raw, "little") - ((1 << 64) if raw[7] & 0x80 else 0)], dtype=torch.int64)
+        ts, tx = torch_word_sums(tail, start=n8 // per_word)
+        s, x = (s + ts) & _MASK64, x ^ tx
+    return s, x, nbytes
+
+
+def torch_fingerprint(buffers: Sequence[torch.Tensor]) -> np.ndarray:
+    """``averaged.fingerprint`` of 1-D contiguous tensors, computed where they live, with the same bits."""
+    return chain_fingerprint([_buffer_sums(b) for b in buffers])
+
+
+class TorchAveragedState:
+    """Running average of a torch model's iterates: one flat tensor per dtype group on the parameters' device.
+
+    ``pieces`` (from the torch source) say which part of each layout tensor this rank holds: the whole tensor
+    (replicated: DDP, plain modules, FSDP2's buffers), or -- ``sharded`` -- the rows of its FSDP2 shard
+    (``core.partition``). Per group the buffer is ``[replicated pieces | contributor slot | sharded pieces]``: the first
+    part is what ``collectives.sync_average`` reduces and fingerprints (with the trailing slot that counts contributing
+    ranks, see ``mark_contribution``), the last part belongs to this rank alone and never moves until it is gathered
+    for a snapshot. ``source.tensors()`` lists the local tensors in ``pieces`` order.
+    """
+
+    def __init__(self, layout: Layout, device: torch.device, *, pieces: Optional[Sequence[Piece]] = None,
+                 shapes: Optional[Sequence[Tuple[int, ...]]] = None, check_finite: bool = True) -> None:
+        self.layout = layout
+        self.device = torch.device(device)
+        self.check_finite = bool(check_finite)
+        self.refused_nonfinite = 0
+        self.partition = Partition(layout, pieces if pieces is not None else full_pieces(layout))
+        part = self.partition
+        shapes = list(shapes) if shapes is not None else [layout.specs[p[0]].shape for p in part.pieces]
+        self._buffers = [torch.zeros(part.buffer_size(g), dtype=TORCH_DTYPES[dt], device=self.device)
+                         for g, dt in enumerate(layout.groups)]
+        self._views = self._split(self._buffers, shapes)  # per-piece views, shaped like the source's tensors
+        self._shapes = shapes
+        self._numpy: Optional[List[Optional[np.ndarray]]] = None
+        self._checked_from: Optional[Sequence[torch.Tensor]] = None
+        self._checked: List[torch.Tensor] = []
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether this rank holds only shards of some tensors (FSDP2): then snapshots gather them."""
+        return self.partition.sharded
+
+    # -- buffers ---------------------------------------------------------------------------------
+    def _split(self, buffers: Sequence[torch.Tensor], shapes: Sequence[Tuple[int, ...]]) -> List[torch.Tensor]:
+        """Views of flat group buffers, one per piece (pieces order), shaped like the source's tensors."""
+        views = []
+        for k, shape in enumerate(shapes):
+            g, start, stop = self.partition.local_range(k)
+            views.append(buffers[g][start:stop].view(shape))
+        return views
+
+    def current(self, g: int) -> torch.Tensor:
+        """The replicated part of group ``g`` (all of it without sharding): what syncs and fingerprints cover."""
+        return self._buffers[g][: self.partition.replicated_size(g)]
+
+    def shard(self, g: int) -> torch.Tensor:
+        """This rank's sharded part of group ``g`` (empty without sharding)."""
+        return self._buffers[g][self.partition.replicated_size(g) + 1:]
+
+    def sync_view(self, g: int) -> Optional[np.ndarray]:
+        """The replicated part with its trailing slot as a numpy view on CPU -- what numpy communicators (mpi4py,
+        Horovod's MXNet binding) move; ``None`` on a GPU, where only a torch communicator moves ``native(g)``."""
+        if self.device.type != "cpu":
+            return None
+        if self._numpy is None:
+            self._numpy = [b.numpy() for b in self._buffers]
+        return self._numpy[g][: self.partition.replicated_size(g) + 1]
+
+    def native(self, g: int) -> torch.Tensor:
+        return self._buffers[g][: self.partition.replicated_size(g) + 1]
+
+    def named_tensors(self) -> Dict[str, torch.Tensor]:
+        """name -> averaged tensor on the device (a view), for replicated states (whole tensors)."""
+        if self.partitioned:
+            raise ValueError("a sharded average has no whole tensors on one rank; gather it first")
+        return {self.layout.specs[p[0]].name: v for p, v in zip(self.partition.pieces, self._views)}
+
+    # -- the update ------------------------------------------------------------------------------
+    def fold_source(self, source: Any, alpha: float) -> FoldResult:
+        """``avg <- avg + alpha * (x - avg)`` over all tensors in one ``_foreach_lerp_`` (``avg <- x`` when
+        ``alpha == 1``); an iterate holding a NaN or inf is refused and leaves the average untouched."""
+        xs = source.tensors()
+        with torch.no_grad():
+            if self.check_finite and not self._all_finite(xs):
+                self.refused_nonfinite += 1
+                return FoldResult(folded=False, alpha=alpha)
+            if alpha == 1.0:
+                torch._foreach_copy_(self._views, xs)
+            else:
+                torch._foreach_lerp_(self._views, xs, float(alpha))
+        return FoldResult(folded=True, alpha=alpha)
+
+    def _all_finite(self, xs: Sequence[torch.Tensor]) -> bool:
+        """One fused max-abs per tensor (NaN propagates through it), then a single flag to the host. Empty local
+        shards (FSDP2 rows that fall on other ranks) have no max and are skipped; the filtered list is kept for as
+        long as the source hands over the same list."""
+        if xs is not self._checked_from:
+            self._checked_from = xs
+            self._checked = [x for x in xs if x.numel()]
+        if not self._checked:
+            return True
+        norms = torch._foreach_norm(self._checked, float("inf"))
+        return bool(torch.stack(norms).isfinite().all())
+
+    def load_flat(self, group_arrays: Sequence[np.ndarray]) -> None:
+        """Replace the average by whole layout-order host arrays (one per dtype group, e.g. from a checkpoint);
+        a sharded state keeps its own pieces of them."""
+        if len(group_arrays) != len(self.layout.groups):
+            raise ValueError(f"expected {len(self.layout.groups)} dtype groups, got {len(group_arrays)}")
+        if not self.partitioned:
+            for g, arr in enumerate(group_arrays):
+                self.current(g).copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+            return
+        for k, (view, piece) in enumerate(zip(self._views, self.partition.pieces)):
+            g, begin = self.partition.global_range(k)
+            part = np.ascontiguousarray(group_arrays[g][begin:begin + piece[2] - piece[1]])
+            view.copy_(torch.from_numpy(part).view(view.shape))
+
+    def fingerprint(self, word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
+        """The 128-bit fingerprint of the average, computed on the device, with the numpy state's bits."""
+        return torch_fingerprint([self.current(g) for g in range(len(self.layout.groups))])
+
+    # -- what the engine asks (swaps, snapshots) -------------------------------------------------
+    def host_tensors(self) -> Dict[str, np.ndarray]:
+        """name -> host copy of each averaged tensor (one device-to-host copy per dtype group); replicated only."""
+        if self.partitioned:
+            raise ValueError("a sharded average must be gathered (collectives.gather_average) before it is read")
+        hosts = [self.current(g).detach().cpu().numpy() for g in range(len(self.layout.groups))]
+        out = {}
+        for spec in self.layout.specs:
+            g, start = self.layout.offsets[spec.name]
+            out[spec.name] = hosts[g][start:start + spec.size].reshape(spec.shape)
+        return out
+
+    def replicated_host(self, g: int) -> np.ndarray:
+        """The replicated part of group ``g`` on the host (placed into the whole by a gather)."""
+        return self.current(g).detach().cpu().numpy()
+
+    def replicated_part(self, buffer: Tuple[Optional[np.ndarray], torch.Tensor], g: int) -> Tuple[Any, torch.Tensor]:
+        """The replicated part of a ``new_buffers`` buffer: what is the same model on every rank (a broadcast of
+        rank 0's weights must not overwrite other ranks' shards)."""
+        n = self.partition.replicated_size(g)
+        return (None if buffer[0] is None else buffer[0][:n]), buffer[1][:n]
+
+    def shard_host(self, g: int) -> np.ndarray:
+        """This rank's sharded part of group ``g`` on the host (what a gather sends)."""
+        return self.shard(g).detach().cpu().numpy()
+
+    def new_buffers(self) -> List[Tuple[Optional[np.ndarray], torch.Tensor]]:
+        """Fresh ``(numpy view or None, tensor)`` buffers shaped like the local groups, on the device."""
+        out = []
+        for g, dt in enumerate(self.layout.groups):
+            t = torch.empty(self.partition.buffer_size(g), dtype=TORCH_DTYPES[dt], device=self.device)
+            out.append((t.numpy() if self.device.type == "cpu" else None, t))
+        return out
+
+    def read_params(self, source: Any, buffers: Sequence[Tuple[Any, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self._split([b[1] for b in buffers], self._shapes), source.tensors())
+
+    def write_params(self, source: Any, buffers: Optional[Sequence[Tuple[Any, torch.Tensor]]] = None) -> None:
+        views = self._views if buffers is None else self._split([b[1] for b in buffers], self._shapes)
+        with torch.no_grad():
+            torch._foreach_copy_(source.tensors(), views)
+
+    # -- what ``collectives.sync_average`` asks --------------------------------------------------
+    def mark_contribution(self, g: int, has_data: bool) -> None:
+        buf = self.native(g)
+        if has_data:
+            buf[-1] = 1
+        else:
+            buf.zero_()
+
+    def contributors(self, g: int) -> int:
+        return int(round(float(self.native(g)[-1])))
+
+    def scale(self, g: int, factor: float) -> None:
+        """``avg *= factor`` (half precision is computed in float32 and rounded once, as the numpy state does)."""
+        self.current(g).mul_(factor)
+        return None
+
+    def flip_lowest_bit(self) -> None:
+        """Testing only (``ITERAVG_FAULT=diverge-after-allreduce``)."""
+        flat = self.current(0)
+        flat[:1].view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]).bitwise_xor_(1)
