@@ -35,7 +35,7 @@ def reference(kind: str, size: int) -> dict:
     return {k: v.copy() for k, v in avg.averaged().items()}
 
 
-def check(out: Path, size: int, kind: str, comm: str, no_framework: bool) -> None:
+def check(out: Path, size: int, kind: str, comm: str, no_framework: bool, frameworks: tuple = ()) -> None:
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(size)]
     assert [r["rank"] for r in ranks] == list(range(size)) and {r["comm"] for r in ranks} == {comm}
     assert len({r["digest"] for r in ranks}) == 1, "averaged models differ across ranks"
@@ -44,7 +44,7 @@ def check(out: Path, size: int, kind: str, comm: str, no_framework: bool) -> Non
     assert all(r["swapped_equals_average"] and r["training_restored"] for r in ranks)
     assert ranks[0]["saved"] and all(r["saved"] is None for r in ranks[1:]), "only rank 0 writes"
     if no_framework:
-        assert all(r["frameworks"] == [] for r in ranks), [r["frameworks"] for r in ranks]
+        assert all(r["frameworks"] == list(frameworks) for r in ranks), [r["frameworks"] for r in ranks]
     ref = reference(kind, size)
     for k, v in ranks[0]["averaged"].items():
         tol = 2e-2 if W.SHAPES[k][1] == "float16" else 1e-5
@@ -70,3 +70,14 @@ def test_horovodrun_numpy_only_with_mpi4py(tmp_path):
     """horovodrun's MPI controller starts MPI processes: ITERAVG_COMM=mpi runs the worker with no framework."""
     run(horovodrun(2, [WORKER, str(tmp_path), "ema"]), env={"ITERAVG_COMM": "mpi"}, timeout=240)
     check(tmp_path, 2, "ema", "mpi", no_framework=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["nta", "every2"])
+def test_torchrun_numpy_model(tmp_path, kind):
+    """The README's "any framework" path under torchrun: torch.distributed is chosen by itself (no ITERAVG_COMM),
+    it moves the numpy buffers (zero-copy ``torch.from_numpy`` over Gloo), and MXNet is never loaded."""
+    pytest.importorskip("torch")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    run([torchrun, "--standalone", "--nproc_per_node=3", WORKER, str(tmp_path), kind], timeout=240)
+    check(tmp_path, 3, kind, "torch", no_framework=True, frameworks=("torch",))

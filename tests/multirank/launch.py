@@ -23,7 +23,8 @@ def job_env(extra: Optional[dict] = None) -> dict:
         PYTHONWARNINGS="ignore",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
-    for key in ("ITERAVG_COMM", "ITERAVG_FAULT", "HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE"):
+    for key in ("ITERAVG_COMM", "ITERAVG_FAULT", "HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "RANK",
+                "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         env.pop(key, None)
     env.update(extra or {})
     return env
