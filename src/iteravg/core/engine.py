@@ -442,6 +442,9 @@ class Averager:
         ``averaged`` is the host average when the caller already has it (a sharded state's gathered whole)."""
         files: Dict[str, Callable[[Path], None]] = {}
         record = self.state_dict()
+        if averaged is None and self.has_average and self._state.partitioned:
+            raise RuntimeError("snapshot_contents() of a sharded average needs the gathered average: gather it on "
+                               "every rank first (averaged(), collective) and pass it in")
         averaged = self.averaged() if averaged is None else averaged
         if averaged is not None:
             carried = self._carried()
@@ -460,13 +463,17 @@ class Averager:
 
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
              extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
-             extra_state: Optional[Dict[str, Any]] = None, keep: int = 2) -> Optional[Path]:
+             extra_state: Optional[Dict[str, Any]] = None, keep: int = 2,
+             averaged: Optional[Dict[str, np.ndarray]] = None) -> Optional[Path]:
         """Sync, then rank 0 writes an atomic, immutable snapshot (collective: call on every rank). A failed write
-        raises the same error on every rank at once. Returns the snapshot path on rank 0, None elsewhere."""
+        raises the same error on every rank at once. Returns the snapshot path on rank 0, None elsewhere.
+        ``averaged``: the synced, gathered average if the caller already gathered it (a sharded state)."""
         epoch = self._epochs_done if epoch is None else int(epoch)
         with collectives.phase(f"save ({stage})"):
             self.sync()
-            gathered = self.averaged() if self._state is not None and self._state.partitioned else None
+            gathered = averaged
+            if gathered is None and self._state is not None and self._state.partitioned:
+                gathered = self.averaged()
 
             def write() -> Path:
                 files, record = self.snapshot_contents(gathered)
