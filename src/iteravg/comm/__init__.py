@@ -4,8 +4,8 @@
 
 1. ``ITERAVG_COMM=horovod|mpi|local`` if set (an explicit choice; failure to create it is an error);
 2. Horovod if the process was started by ``horovodrun`` (``HOROVOD_RANK`` / ``HOROVOD_HOSTNAME`` set);
-3. under plain ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` / ``PMIX_RANK`` set): Horovod if it imports,
-   else mpi4py;
+3. under plain ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` / ``PMIX_RANK`` set): Horovod if the binding
+   it would use imports (``horovod.choose_binding``: ``horovod.torch`` unless the job imported MXNet), else mpi4py;
 4. otherwise the single-process ``LocalComm`` -- no launcher, MPI or Horovod is imported.
 
 Multi-rank communicators run every collective under a deadline (``watchdog.py``: ``ITERAVG_COLLECTIVE_TIMEOUT``,
@@ -54,8 +54,13 @@ def _launched_by_mpirun() -> bool:
 
 
 def _horovod_importable() -> bool:
+    """Whether the Horovod binding the communicator would use imports (``horovod.torch`` in a job that has not
+    imported MXNet, so that checking does not load MXNet; see ``horovod.choose_binding``)."""
+    from .horovod import choose_binding, load_binding
+
+    binding = choose_binding()  # a bad ITERAVG_HOROVOD_BINDING is an error, not a reason to fall back to mpi4py
     try:
-        import horovod.mxnet  # noqa: F401
+        load_binding(binding)
     except Exception:
         return False
     return True
