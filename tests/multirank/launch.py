@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -47,3 +48,12 @@ def run(cmd: Sequence[str], timeout: float = 180, env: Optional[dict] = None, ch
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+@functools.lru_cache(maxsize=None)
+def torch_binding_built() -> bool:
+    """Whether Horovod's PyTorch library loads here (Horovod built with PyTorch), asked in a fresh interpreter so
+    that the test process never loads torch. (``import horovod.torch`` alone succeeds without the library.)"""
+    proc = subprocess.run([sys.executable, "-c", "import horovod.torch.mpi_lib_v2"], cwd=REPO, env=job_env(),
+                          capture_output=True, timeout=120)
+    return proc.returncode == 0
