@@ -61,6 +61,7 @@ def torch_ranks(out: Path, size: int) -> list:
     assert [r["rank"] for r in found] == list(range(size)) and {r["size"] for r in found} == {size}
     assert {r["comm"] for r in found} == {"horovod"}
     assert all(r["loaded"] and r["counter"] > 0 for r in found), found
+    assert len({r["last_digest"] for r in found}) == size, "independent replicas should end on different iterates"
     assert len({r["averaged_digest"] for r in found}) == 1, "the ranks' averaged models differ"
     assert all(r["model_digest"] == r["averaged_digest"] for r in found), "finalize did not load the average"
     return found

@@ -24,7 +24,7 @@ def job_env(extra: Optional[dict] = None) -> dict:
         PYTHONWARNINGS="ignore",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
-    for key in ("ITERAVG_COMM", "ITERAVG_FAULT", "HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE"):
+    for key in ("ITERAVG_COMM", "ITERAVG_HOROVOD_BINDING", "ITERAVG_FAULT", "HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE"):
         env.pop(key, None)
     env.update(extra or {})
     return env

@@ -5,8 +5,8 @@ initial weights, no gradient reduction, so only the averaging sync can make the 
 usage: worker_torch.py OUT_DIR [--native]
 ``--native``: the averaged buffers are CPU torch tensors passed to the communicator as ``native`` (what a
 torch-aware allocator does), so Horovod's torch binding reduces them in place; otherwise they are numpy arrays.
-Writes OUT_DIR/rank-R.json: the averaged bits' SHA-256, the finalized model's, the Horovod binding used and the
-framework modules the process imported.
+Writes OUT_DIR/rank-R.json: SHA-256s of the last iterate, of the averaged bits and of the finalized model, the
+Horovod binding used and the framework modules the process imported.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def main() -> None:
             opt.step()
             avg.step(params)
         avg.epoch_end(params, metric=[5.0, 4.0, 4.5, 4.2][epoch] + 0.01 * rank, epoch=epoch + 1)
+    last = digest(params)  # this rank's last iterate: differs across ranks
     loaded = avg.finalize(params)  # collective: every rank's model now holds the average
     averaged = avg.averaged()
     native_backed = native and all(any(np.shares_memory(v, t.numpy()) for t in created) for v in averaged.values())
@@ -65,7 +66,7 @@ def main() -> None:
         "rank": rank, "size": avg.comm.size, "comm": avg.comm.name, "binding": getattr(avg.comm, "binding", None),
         "averaged_digest": digest(averaged), "loaded": loaded, "counter": avg.average_counter,
         "model_digest": digest({n: p.detach().numpy() for n, p in model.named_parameters()}),
-        "native_backed": native_backed,
+        "last_digest": last, "native_backed": native_backed,
         "frameworks": sorted(m for m in ("mxnet", "torch", "horovod.mxnet", "horovod.torch") if m in sys.modules),
     }))
     collectives.finish(avg.comm)
