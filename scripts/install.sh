@@ -131,4 +131,5 @@ fi
 if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
   pip --no-deps --no-build-isolation -e "$here"
 fi
-log "ok: $("$py" -c 'import mxnet, horovod, numpy; print("mxnet", mxnet.__version__, "horovod", horovod.__version__, "numpy", numpy.__version__)'), horovod bindings: $(cat "$hvd_stamp")"
+log "ok: $("$py" -c 'import mxnet, horovod, numpy; print("mxnet", mxnet.__version__, "horovod", horovod.__version__, "numpy", numpy.__version__)')"
+log "horovod bindings: $(cat "$hvd_stamp")"
