@@ -1,6 +1,7 @@
 """The framework-neutral engine in real multi-process jobs, on a numpy-only model (no MXNet in the worker under
-mpirun + mpi4py): every rank ends with bitwise-identical averages that equal, up to rounding, the same schedule
-run on one process with the rank-mean iterates; rank 0's snapshot reloads bit for bit on every rank."""
+mpirun + mpi4py, nor under horovodrun when Horovod has its PyTorch binding): every rank ends with
+bitwise-identical averages that equal, up to rounding, the same schedule run on one process with the rank-mean
+iterates; rank 0's snapshot reloads bit for bit on every rank."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "multirank"))
-from launch import horovodrun, mpirun, run  # noqa: E402
+from launch import horovodrun, mpirun, run, torch_binding_built  # noqa: E402
 import worker_numpy as W  # noqa: E402
 
 import iteravg  # noqa: E402
@@ -59,10 +60,27 @@ def test_mpirun_mpi4py_numpy_only(tmp_path, kind):
 
 
 @pytest.mark.timeout(300)
-def test_horovodrun_numpy_model(tmp_path):
-    """Under horovodrun the default communicator is Horovod (its MXNet binding moves the numpy buffers)."""
-    run(horovodrun(2, [WORKER, str(tmp_path), "nta"]), timeout=240)
+@pytest.mark.parametrize("gloo", [False, True], ids=["mpi", "gloo"])
+def test_horovodrun_numpy_model(tmp_path, gloo):
+    """Under horovodrun the default communicator is Horovod. With Horovod built with PyTorch, its torch binding
+    moves the numpy buffers (zero-copy ``torch.from_numpy``) and the job never loads MXNet; else horovod.mxnet."""
+    run(horovodrun(2, [WORKER, str(tmp_path), "nta"], gloo=gloo), timeout=240)
     check(tmp_path, 2, "nta", "horovod", no_framework=False)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    if torch_binding_built():
+        assert {r["binding"] for r in ranks} == {"torch"}
+        assert all("mxnet" not in r["frameworks"] for r in ranks), [r["frameworks"] for r in ranks]
+    else:
+        assert {r["binding"] for r in ranks} == {"mxnet"}
+
+
+@pytest.mark.timeout(300)
+def test_horovodrun_numpy_model_mxnet_binding(tmp_path):
+    """ITERAVG_HOROVOD_BINDING=mxnet: horovod.mxnet moves the numpy buffers (copied into NDArrays and back)."""
+    run(horovodrun(2, [WORKER, str(tmp_path), "every2"]), env={"ITERAVG_HOROVOD_BINDING": "mxnet"}, timeout=240)
+    check(tmp_path, 2, "every2", "horovod", no_framework=False)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert {r["binding"] for r in ranks} == {"mxnet"} and all("mxnet" in r["frameworks"] for r in ranks)
 
 
 @pytest.mark.timeout(300)
