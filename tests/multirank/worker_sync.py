@@ -69,7 +69,7 @@ def main() -> int:
                 cb.on_validation_epoch_start(training_network=net)
                 cb.on_validation_epoch_end(epoch_no=epoch, epoch_loss=0.0, training_network=net, trainer=None)
             nan_ranks = [int(r) for r in args.nan_metric_ranks.split(",") if r]
-            loss = float("nan") if rank in nan_ranks else metric(rank, epoch)
+            loss = float("nan") if rank in nan_ranks else metric(0 if args.data_parallel else rank, epoch)
             cb.on_epoch_end(epoch_no=epoch, epoch_loss=loss, training_network=net, trainer=None,
                             best_epoch_info={}, ctx=mx.cpu())
             started.append(strategy.averaging_started)
