@@ -77,7 +77,11 @@ def squared_error(model: nn.Module, data: TensorDataset, device: torch.device) -
 
 
 def validation_loss(model: nn.Module, data: TensorDataset, device: torch.device, rank: int, world: int) -> float:
-    """Mean squared error over the whole validation set, each rank scoring its own share (all ranks call this)."""
+    """Mean squared error over the whole validation set, each rank scoring its own share (all ranks call this).
+
+    BatchNorm's running statistics are each rank's own until DDP re-broadcasts rank 0's at the next training forward,
+    so this differs slightly from rank 0 scoring the whole set alone; the averaged model's are averaged across
+    ranks by the sync, like its parameters."""
     share = TensorDataset(*(t[rank::world] for t in data.tensors))
     err, count = squared_error(model, share, device)
     if world == 1:
