@@ -123,6 +123,33 @@ def test_cuda_folds_copy_nothing_between_host_and_device():
             assert to_host == 0, sorted(set(names))
 
 
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf"])
+def test_non_finite_iterates_are_refused_and_huge_finite_ones_folded(device, poison):
+    """An iterate holding a NaN, +inf or -inf leaves the average and the counter untouched (one diverged step must
+    not poison an EMA); a huge but finite one (its 2-norm overflows float32) is folded like any other."""
+    import torch
+
+    import iteravg
+    from iteravg.torch import Averager
+
+    model = make_model(device)
+    avg = Averager(model, iteravg.EMASchedule(decay=0.5, warmup=False), comm="local")
+    train_steps(model, 2, avg.step)
+    before = {k: v.clone() for k, v in avg.averaged_state_dict().items()}
+    weight = model[2].weight
+    with torch.no_grad():
+        saved = weight[3, 4].item()
+        weight[3, 4] = float(poison)
+    assert not avg.step() and avg.refused_nonfinite == 1 and avg.average_counter == 2
+    assert all(torch.equal(before[k], v) for k, v in avg.averaged_state_dict().items())
+    with torch.no_grad():
+        weight[3, 4] = saved
+        weight[0].fill_(3e37)  # finite; the sum of squares overflows
+    assert avg.step() and avg.average_counter == 3 and avg.refused_nonfinite == 1
+    assert bool(torch.isfinite(avg.averaged_state_dict()["2.weight"]).all())
+    assert avg.check_finite
+
+
 @pytest.mark.parametrize("kind", ["swa", "ema"])
 def test_bitwise_equal_to_swa_utils_averaged_model(device, kind):
     """The same iterates into iteravg and into ``AveragedModel(multi_avg_fn=...)``: the same bits, on the device."""
