@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .averaged import FoldResult, Layout, chain_fingerprint, range_bounds
+from .averaged import FoldResult, Layout, chain_fingerprint, fingerprint, range_bounds
 from .partition import Partition, Piece, full_pieces
 
 __all__ = ["TorchAveragedState", "torch_word_sums", "torch_fingerprint", "TORCH_DTYPES"]
@@ -211,13 +211,18 @@ class TorchAveragedState:
         return FoldResult(folded=True, alpha=alpha)
 
     def _all_finite(self, xs: Sequence[torch.Tensor]) -> bool:
-        """One fused max-abs per tensor (NaN propagates through it), then a single flag to the host. Empty local
-        shards (FSDP2 rows that fall on other ranks) have no max and are skipped; the filtered list is kept for as
-        long as the source hands over the same list."""
+        """One fused 2-norm per tensor (NaN and inf propagate through it), then a single flag to the host: finite
+        norms prove every element finite. Only when a norm is not finite -- a NaN or inf, or a huge finite tensor
+        whose sum of squares overflows -- does the exact max-abs decide. (The 2-norm first because PyTorch's CPU
+        max-abs norm is ~10x slower than its 2-norm; on CUDA both are one fused kernel.) Empty local shards (FSDP2
+        rows that fall on other ranks) are skipped; the filtered list is kept for as long as the source hands over
+        the same list."""
         if xs is not self._checked_from:
             self._checked_from = xs
             self._checked = [x for x in xs if x.numel()]
         if not self._checked:
+            return True
+        if bool(torch.stack(torch._foreach_norm(self._checked, 2)).isfinite().all()):
             return True
         norms = torch._foreach_norm(self._checked, float("inf"))
         return bool(torch.stack(norms).isfinite().all())
@@ -237,8 +242,13 @@ class TorchAveragedState:
             view.copy_(torch.from_numpy(part).view(view.shape))
 
     def fingerprint(self, word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
-        """The 128-bit fingerprint of the average, computed on the device, with the numpy state's bits."""
-        return torch_fingerprint([self.current(g) for g in range(len(self.layout.groups))])
+        """The 128-bit fingerprint of the average, computed where it lives, with the numpy state's bits. On the CPU
+        the buffers are viewed as numpy arrays (no copy) and fingerprinted by the C kernel, ~25x faster than the
+        int64 torch ops ``torch_fingerprint`` needs on a device."""
+        buffers = [self.current(g) for g in range(len(self.layout.groups))]
+        if self.device.type == "cpu":
+            return fingerprint([b.detach().numpy() for b in buffers])
+        return torch_fingerprint(buffers)
 
     # -- what the engine asks (swaps, snapshots) -------------------------------------------------
     def host_tensors(self) -> Dict[str, np.ndarray]:
