@@ -9,8 +9,8 @@ The fold is ``torch._foreach_lerp_(avg, x, alpha)``: ``avg + alpha * (x - avg)``
 ``torch.optim.swa_utils.get_swa_multi_avg_fn`` / ``get_ema_multi_avg_fn`` use, so the average matches
 ``AveragedModel(multi_avg_fn=...)`` on the same iterates bit for bit. The update is in place on the one buffer
 (memory traffic at the bandwidth bound: read x, read avg, write avg); an iterate holding a NaN or inf is refused
-*before* it touches the average, from the ``_foreach_norm(inf)`` of the iterate (one more read of x and one small
-device-to-host copy of a flag per step; ``check_finite=False`` drops both). Unlike the numpy state, an overflow
+*before* it touches the average, from a ``_foreach_norm`` of the iterate (``_all_finite``: one more read of x and one
+small device-to-host copy of a flag per step; ``check_finite=False`` drops both). Unlike the numpy state, an overflow
 inside the fold itself (``|x - avg|`` beyond the dtype's range, i.e. a model already at ~1e38) is not caught here.
 
 Everything the engine and ``collectives.sync_average`` ask (``fold_source``, swaps, the contributor count, the
