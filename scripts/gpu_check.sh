@@ -91,7 +91,8 @@ EOF
     nproc
 } >"$OUT/env.txt" 2>&1
 tee -a "$LOG" <"$OUT/env.txt"
-GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0)
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null | tail -n 1)
+[[ "$GPUS" =~ ^[0-9]+$ ]] || GPUS=0
 say "CUDA devices: $GPUS"
 if [ "$GPUS" = 0 ]; then
     say "WARNING: no CUDA device visible to $PY: the CUDA tests will skip and the benchmark falls back to the CPU"
