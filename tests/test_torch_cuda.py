@@ -203,6 +203,35 @@ def test_fingerprint_on_the_device_equals_the_numpy_fingerprint(device):
     assert np.array_equal(state.fingerprint(), fingerprint(host))
 
 
+def test_per_tensor_fingerprints_on_the_device_equal_numpy(device):
+    """The sync's per-tensor identity fingerprints (which tensors already agree across ranks): the device computation
+    against the numpy / C one, on adjacent ranges of float32, float16 and float64 buffers (empty ranges included),
+    and the state's own method."""
+    import torch
+
+    from iteravg.core._kernel import segment_fingerprints
+    from iteravg.core.averaged import range_bounds
+    from iteravg.core.torch_state import torch_segment_fingerprints
+
+    g = torch.Generator().manual_seed(5)
+    ranges = [(0, 3), (3, 3), (3, 1000), (1000, 1001), (1001, 4099)]
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        flat = torch.randn(4099, generator=g).to(dtype)
+        expected = segment_fingerprints(flat.numpy(), range_bounds(ranges))
+        assert np.array_equal(torch_segment_fingerprints(flat.to(device), range_bounds(ranges)), expected), dtype
+
+    import iteravg
+    from iteravg.torch import Averager
+
+    model = make_model(device)
+    avg = Averager(model, started(iteravg.Schedule()), comm="local")
+    train_steps(model, 2, avg.step)
+    state = avg.engine.state
+    spans = [(0, 10), (10, 85), (85, state.current(0).numel())]
+    assert np.array_equal(state.tensor_fingerprints(0, spans),
+                          segment_fingerprints(state.current(0).cpu().numpy(), range_bounds(spans)))
+
+
 def test_snapshot_written_from_the_device_loads_on_the_host(device, tmp_path):
     """``save`` records the fingerprint computed where the state lives; ``load`` on a CPU model recomputes it with
     numpy from the file and must accept it, giving back the same bits."""
