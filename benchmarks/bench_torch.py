@@ -28,7 +28,8 @@ replicas), so each sync really averages different bytes. Rank 0 reports the medi
 + sync: allreduce-sum of the flat average, the fused scale-and-fingerprint pass, the fingerprint check), ``step()``
 alone, the public ``sync()`` after a step (plus the did-anyone-fold round trip), ``with swapped(): pass`` after a
 step (sync + swap), and one raw ``dist.all_reduce`` of a flat tensor of the same bytes; and checks that the ranks'
-averages are bitwise identical at the end.
+averages are bitwise identical at the end. Beside it, ``sync()`` of a second model that is the same on every rank
+(data-parallel replicas, as under DDP): its per-tensor fingerprints agree, so no tensor moves.
 """
 
 from __future__ import annotations
@@ -212,6 +213,10 @@ def run_sync(args: argparse.Namespace) -> Optional[dict]:
     schedule.averaging_started = True
     avg = Averager(model, schedule)  # the torch communicator on the process group above
     n = sum(p.numel() for p in model.parameters())
+    replica = dense(200, 256, device, seed=1000)  # the same on every rank, as under DDP: its sync moves no tensor
+    twin_schedule = iteravg.Schedule()
+    twin_schedule.averaging_started = True
+    twin = Averager(replica, twin_schedule)
     flat = torch.randn(n + 1, generator=torch.Generator().manual_seed(rank)).to(device)  # + the contributor slot
 
     def barrier() -> None:
@@ -222,8 +227,8 @@ def run_sync(args: argparse.Namespace) -> Optional[dict]:
         flat.mul_(1.0 / world)
 
     paths = {"epoch_end": lambda: avg.epoch_end(), "step": avg.step, "sync": avg.sync,
-             "swapped": lambda: swap_nothing_synced(avg), "raw_allreduce": raw}
-    before = {"sync": avg.step, "swapped": avg.step}  # a fold first, so the sync has something to do
+             "swapped": lambda: swap_nothing_synced(avg), "raw_allreduce": raw, "sync_data_parallel": twin.sync}
+    before = {"sync": avg.step, "swapped": avg.step, "sync_data_parallel": twin.step}  # a fold first: work to sync
     med = rounds(paths, args.reps, 1, device, before=before, barrier=barrier)
     averaged = avg.averaged_state_dict()
     sha = hashlib.sha256(b"".join(averaged[k].cpu().numpy().tobytes() for k in sorted(averaged))).hexdigest()
@@ -237,16 +242,19 @@ def run_sync(args: argparse.Namespace) -> Optional[dict]:
                       **{f"{k}_ms": v * 1e3 for k, v in med.items()},
                       epoch_end_over_raw=med["epoch_end"] / raw_t, sync_over_raw=med["sync"] / raw_t,
                       sync_part_over_raw=(med["epoch_end"] - med["step"]) / raw_t,
-                      swapped_over_raw=med["swapped"] / raw_t)
+                      swapped_over_raw=med["swapped"] / raw_t,
+                      sync_data_parallel_over_raw=med["sync_data_parallel"] / raw_t)
         print(f"{n / 1e6:.1f}M float32 params in 400 tensors, {world} ranks, {result['backend']} on {device}, "
               f"independent replicas, medians of {args.reps} rounds; averages identical on every rank: "
               f"{result['identical']}", flush=True)
         print(f"epoch_end {med['epoch_end'] * 1e3:.1f} ms (of which step {med['step'] * 1e3:.1f} ms) | sync() "
               f"{med['sync'] * 1e3:.1f} ms | swapped() {med['swapped'] * 1e3:.1f} ms | raw all_reduce "
-              f"{raw_t * 1e3:.1f} ms", flush=True)
+              f"{raw_t * 1e3:.1f} ms | sync() of identical (data-parallel) replicas "
+              f"{med['sync_data_parallel'] * 1e3:.1f} ms", flush=True)
         print(f"RATIOS (sync): epoch_end/raw = {result['epoch_end_over_raw']:.2f}, (epoch_end - step)/raw = "
               f"{result['sync_part_over_raw']:.2f}, sync()/raw = {result['sync_over_raw']:.2f}, swapped()/raw = "
-              f"{result['swapped_over_raw']:.2f}", flush=True)
+              f"{result['swapped_over_raw']:.2f}, data-parallel sync()/raw = {result['sync_data_parallel_over_raw']:.2f}",
+              flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return result

@@ -4,6 +4,7 @@
 #   bash scripts/gpu_check.sh               # results in $OUT (the device tool's folder), else runs/gpu_check
 #
 # What it runs, each step under its own time limit (about 3 minutes in all; at most ~7 if every step times out):
+#   0. the optional C fold kernel (gcc, setup.py's flags; numpy gives the same bits without it)
 #   1. the environment: nvidia-smi, Python, torch, CUDA devices, numpy              -> env.txt
 #   2. tests/test_torch_cuda.py (CUDA variants; the 2-GPU NCCL job skips on 1 GPU,
 #      two ranks sharing the GPU run over Gloo)                                     -> tests-cuda.xml
@@ -22,7 +23,8 @@
 #
 # Packages: the machine's image already holds what this needs -- python3 3.12 with a CUDA build of PyTorch, numpy
 # 2.x, safetensors, pytest, pytest-timeout (/work/.library/device/KINDS.md). iteravg itself runs from src/
-# (PYTHONPATH); its optional C kernel is not built there, and the numpy fallback gives the same bits. A CUDA torch
+# (PYTHONPATH); its optional C kernel is compiled with gcc first if it can be (else the numpy fallback gives the
+# same bits, slower). A CUDA torch
 # wheel (about 1 GB with its NVIDIA libraries) could not travel anyway (64 MiB per call). Should a package be
 # missing, carry it as a wheel in .whl/ (ignored by git) -- prepared on the developer machine:
 #   echo /.whl/ >> .git/info/exclude
@@ -66,6 +68,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+
+# The optional C fold kernel, built as setup.py would (same flags): without it numpy gives the same bits, slower
+# (the CPU sync benchmark would measure numpy's fingerprints). A missing compiler only costs that.
+SUFFIX=$("$PY" -c "import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])" 2>/dev/null | tail -n 1)
+step "build the C kernel (optional)" 60 gcc -O3 -std=c99 -ffp-contract=off -fno-fast-math -fno-strict-aliasing \
+    -shared -fPIC src/iteravg/core/_foldkernel.c -o "src/iteravg/core/_foldkernel${SUFFIX:-.so}"
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 || echo "no nvidia-smi"
