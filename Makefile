@@ -40,6 +40,8 @@ test-hosts:
 bench: setup
 	$(PY) benchmarks/bench_update.py
 	bash launch/horovodrun-local.sh 2 --bench-sync
+	$(PY) benchmarks/bench_torch.py
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_torch.py --sync
 
 docs: setup
 	$(PY) -m mkdocs build --strict -d site

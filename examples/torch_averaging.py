@@ -4,6 +4,11 @@
     ITERAVG_COMM=mpi mpirun -np 2 --bind-to none python examples/torch_averaging.py      # 2 ranks, mpi4py
     ITERAVG_COMM=mpi mpirun -np 2 --bind-to none python examples/torch_averaging.py --schedule ema --independent
 
+**PyTorch users: start from ``iteravg.torch.Averager`` instead** (``examples/torch_ddp.py`` for DDP under
+``torchrun``, ``examples/torch_fsdp2.py`` for FSDP2, ``docs/torch.md``): it averages the model where its parameters
+live (GPU included), uses torch.distributed, and needs none of the numpy plumbing below. This example stays as the
+demonstration of the framework-neutral numpy engine (``iteravg.Averager``) that any framework can drive.
+
 The averager sees the model as ``name -> numpy array``: ``p.detach().numpy()`` of a CPU parameter shares its
 memory, and ``torch.optim`` updates parameters in place, so the views stay valid for the whole run (the script
 checks that at the end). iteravg needs nothing from PyTorch; torch needs nothing from iteravg.

@@ -2,7 +2,7 @@
 wrapper, on CPU with Gloo (CUDA with NCCL where a GPU is present and ``--cuda`` is given).
 
 usage: worker_torch.py OUT_DIR --wrap ddp|fsdp|none --schedule nta|ema|alpha [--ckpt DIR] [--resume] [--epochs N]
-    [--independent]  (no gradient reduction: local SGD, each rank its own iterates)
+    [--independent] [--cuda [--backend gloo]]  (no gradient reduction: local SGD, each rank its own iterates)
 
 Each rank writes OUT_DIR/rank-R.json: SHA-256 of the averaged state (``averaged_state_dict``, sorted names, bytes),
 of the model after ``finalize``, counters, the trigger epoch, the communicator, and which snapshot it saved.
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--independent", action="store_true")
     ap.add_argument("--cuda", action="store_true")
     ap.add_argument("--sharded", action="store_true", help="sharded=True: each rank keeps 1/N of the average")
+    ap.add_argument("--backend", help="the process group's backend (default: nccl with --cuda, else gloo); gloo with "
+                                      "--cuda lets two ranks share one GPU, which NCCL refuses")
     ap.add_argument("--reference", action="store_true",
                     help="also average whole-model copies of every iterate on this rank alone (comm='local'): the "
                          "sharded average must equal it bit for bit")
@@ -80,11 +82,11 @@ def main() -> None:
 
     device = torch.device("cpu")
     if args.cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     # The user's own process group, as a DDP script sets it up; iteravg reuses it (no second rendezvous).
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if args.cuda else "gloo")
+        dist.init_process_group(args.backend or ("nccl" if args.cuda else "gloo"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
 

@@ -9,8 +9,8 @@ The fold is ``torch._foreach_lerp_(avg, x, alpha)``: ``avg + alpha * (x - avg)``
 ``torch.optim.swa_utils.get_swa_multi_avg_fn`` / ``get_ema_multi_avg_fn`` use, so the average matches
 ``AveragedModel(multi_avg_fn=...)`` on the same iterates bit for bit. The update is in place on the one buffer
 (memory traffic at the bandwidth bound: read x, read avg, write avg); an iterate holding a NaN or inf is refused
-*before* it touches the average, from the ``_foreach_norm(inf)`` of the iterate (one more read of x and one small
-device-to-host copy of a flag per step; ``check_finite=False`` drops both). Unlike the numpy state, an overflow
+*before* it touches the average, from a ``_foreach_norm`` of the iterate (``_all_finite``: one more read of x and one
+small device-to-host copy of a flag per step; ``check_finite=False`` drops both). Unlike the numpy state, an overflow
 inside the fold itself (``|x - avg|`` beyond the dtype's range, i.e. a model already at ~1e38) is not caught here.
 
 Everything the engine and ``collectives.sync_average`` ask (``fold_source``, swaps, the contributor count, the
@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .averaged import FoldResult, Layout, chain_fingerprint, range_bounds
+from ._kernel import segment_fingerprints
+from .averaged import FoldResult, Layout, chain_fingerprint, fingerprint, range_bounds
 from .partition import Partition, Piece, full_pieces
 
 __all__ = ["TorchAveragedState", "torch_word_sums", "torch_fingerprint", "TORCH_DTYPES"]
@@ -211,13 +212,18 @@ class TorchAveragedState:
         return FoldResult(folded=True, alpha=alpha)
 
     def _all_finite(self, xs: Sequence[torch.Tensor]) -> bool:
-        """One fused max-abs per tensor (NaN propagates through it), then a single flag to the host. Empty local
-        shards (FSDP2 rows that fall on other ranks) have no max and are skipped; the filtered list is kept for as
-        long as the source hands over the same list."""
+        """One fused 2-norm per tensor (NaN and inf propagate through it), then a single flag to the host: finite
+        norms prove every element finite. Only when a norm is not finite -- a NaN or inf, or a huge finite tensor
+        whose sum of squares overflows -- does the exact max-abs decide. (The 2-norm first because PyTorch's CPU
+        max-abs norm is ~10x slower than its 2-norm; on CUDA both are one fused kernel.) Empty local shards (FSDP2
+        rows that fall on other ranks) are skipped; the filtered list is kept for as long as the source hands over
+        the same list."""
         if xs is not self._checked_from:
             self._checked_from = xs
             self._checked = [x for x in xs if x.numel()]
         if not self._checked:
+            return True
+        if bool(torch.stack(torch._foreach_norm(self._checked, 2)).isfinite().all()):
             return True
         norms = torch._foreach_norm(self._checked, float("inf"))
         return bool(torch.stack(norms).isfinite().all())
@@ -237,8 +243,13 @@ class TorchAveragedState:
             view.copy_(torch.from_numpy(part).view(view.shape))
 
     def fingerprint(self, word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
-        """The 128-bit fingerprint of the average, computed on the device, with the numpy state's bits."""
-        return torch_fingerprint([self.current(g) for g in range(len(self.layout.groups))])
+        """The 128-bit fingerprint of the average, computed where it lives, with the numpy state's bits. On the CPU
+        the buffers are viewed as numpy arrays (no copy) and fingerprinted by the C kernel, ~25x faster than the
+        int64 torch ops ``torch_fingerprint`` needs on a device."""
+        buffers = [self.current(g) for g in range(len(self.layout.groups))]
+        if self.device.type == "cpu":
+            return fingerprint([b.detach().numpy() for b in buffers])
+        return torch_fingerprint(buffers)
 
     # -- what the engine asks (swaps, snapshots) -------------------------------------------------
     def host_tensors(self) -> Dict[str, np.ndarray]:
@@ -327,7 +338,10 @@ class TorchAveragedState:
         return None
 
     def tensor_fingerprints(self, g: int, ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
-        """``(len(ranges), 2)`` uint64 fingerprints of adjacent ranges of ``current(g)``, computed on the device."""
+        """``(len(ranges), 2)`` uint64 fingerprints of adjacent ranges of ``current(g)``, computed where it lives: on
+        the CPU by the C kernel on a zero-copy numpy view (the int64 torch ops cost ~30x a raw allreduce there)."""
+        if self.device.type == "cpu":
+            return segment_fingerprints(self.current(g).detach().numpy(), range_bounds(ranges))
         return torch_segment_fingerprints(self.current(g), range_bounds(ranges))
 
     def scale_range(self, g: int, a: int, b: int, factor: float) -> None:
