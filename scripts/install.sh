@@ -68,6 +68,13 @@ if [ ! -e "$dev_stamp" ]; then
   pip -r "$here/requirements/dev.txt"
   touch "$dev_stamp"
 fi
+# The averaging study's data (pmdarima, statsmodels), constrained so nothing already pinned moves.
+study_stamp=$stamp_dir/study-$(sha256sum "$here/requirements/study.txt" | cut -c1-12)
+if [ ! -e "$study_stamp" ]; then
+  log "installing the study's data packages"
+  pip -r "$here/requirements/study.txt" -c "$here/requirements/base.txt" -c "$here/requirements/dev.txt"
+  touch "$study_stamp"
+fi
 # Optional: CPU PyTorch for examples/torch_averaging.py and its test (~50 s, ~870 MB; ITERAVG_TORCH=0 skips it).
 # --no-deps: torch's metadata asks for setuptools>=77, which would replace the setuptools<70 Horovod's build
 # needs; requirements/torch.txt lists torch's other runtime dependencies. A failure only skips those tests.
