@@ -220,9 +220,8 @@ def distribution_table(rows: "OrderedDict[Tuple, Row]", pairs: Sequence[Tuple], 
     many = [r for r in ranks if r > 1]
     if 1 not in ranks or not many:
         return []
-    lines = ["| data / estimator | method | " + " | ".join(
-        f"mean {METRIC_LABELS[m]}: {many[0]} ranks / 1 process" for m in METRICS) + " | std RMSE: "
-             f"{many[0]} ranks / 1 process |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| data / estimator | method | " + " | ".join(f"{METRIC_LABELS[m]}, ratio of means" for m in METRICS)
+             + " | RMSE, ratio of stds |", "| --- | --- | --- | --- | --- | --- |"]
     for p in pairs:
         for method in ROW_METHODS:
             one, dist = rows.get((p, 1, method)), rows.get((p, many[0], method))
@@ -384,8 +383,8 @@ def render(profile: Profile, records: Sequence[Dict[str, Any]], out_md: Path, as
         L += ["## What distributing costs", "",
               "The same runs, 2 ranks against 1 process: each rank takes half the batch, each step averages the "
               "ranks' gradients, so both arms take the same steps over the same number of windows per step (they "
-              "draw different windows, so they are different runs of the same recipe). Ratios of the means "
-              "across seeds; above 1 is worse on 2 ranks.", ""]
+              "draw different windows, so they are different runs of the same recipe). Each ratio is "
+              "2 ranks / 1 process across the same seeds; above 1 is worse on 2 ranks.", ""]
         L += dist + [""]
     L += ["## Plots", "", f"![test metrics per seed]({rel}/metrics.png)", "",
           f"![variance ratios]({rel}/variance-ratios.png)", ""]
@@ -445,9 +444,14 @@ def trigger_note(rows: "OrderedDict[Tuple, Row]", pair: Tuple, ranks: Sequence[i
         if row is None:
             continue
         epochs = [rec["info"].get("trigger_epoch") for rec in row.records]
-        budget_epochs = row.records[0]["settings"]["budget"]["epochs"]
-        parts.append(f"NTA started averaging at epoch {', '.join(str(e) for e in epochs)} of {budget_epochs} "
-                     f"({ranks_label(r)})")
+        folds = [rec["info"].get("average_counter") or 0 for rec in row.records]
+        budget = row.records[0]["settings"]["budget"]
+        fallback = math.ceil(budget["epochs"] * 0.95)  # NTA's default fallback_alpha=0.05
+        on_metric = sum(e is not None and e < fallback for e in epochs)
+        parts.append(f"{ranks_label(r)}: NTA started averaging at epoch {', '.join(str(e) for e in epochs)} of "
+                     f"{budget['epochs']} ({on_metric} of {len(epochs)} seeds on its metric trigger, the others at "
+                     f"the fallback epoch {fallback}) and averaged a median of {int(np.median(folds))} iterates "
+                     f"(of {budget['epochs'] * budget['batches_per_epoch']} steps)")
     return "; ".join(parts) + "." if parts else ""
 
 
@@ -476,6 +480,15 @@ def reading(comps: "OrderedDict[Tuple, Comparison]", rows: "OrderedDict[Tuple, R
                 + ", more than 2% worse in " + (f"{len(worse_mean)} ({'; '.join(worse_mean)})" if worse_mean
                                                  else "none") + ".")
         L.append(text)
+    nta = [rec for row in rows.values() if row.method == "nta" for rec in row.records]
+    if nta:
+        fallback = [math.ceil(rec["settings"]["budget"]["epochs"] * 0.95) for rec in nta]
+        on_metric = sum(rec["info"].get("trigger_epoch") is not None and rec["info"]["trigger_epoch"] < fb
+                        for rec, fb in zip(nta, fallback))
+        L.append(f"* NTA started on its metric trigger (an epoch's training loss worse than the best before the "
+                 f"last 5 epochs) in {on_metric} of {len(nta)} runs; the others started at GluonTS's fallback, 95% "
+                 "of the way through training, so NTA here mostly averages the last epoch's iterates. Where that "
+                 "is the very last epoch it averages a single iterate and equals the last iterate.")
     L.append("")
     return L
 
