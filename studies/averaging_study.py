@@ -62,9 +62,12 @@ def main(argv=None) -> int:
     full_default = args.profile == "full" and argv is None and len(sys.argv) == 1
     command = "make study" if full_default else "python " + " ".join(
         shlex.quote(a) for a in ["studies/averaging_study.py", *(sys.argv[1:] if argv is None else argv)])
-    train_s = sum(r["train_seconds"] for r in records)
-    note = (f" Training time summed over the runs: {train_s / 60:.0f} min (rank 0's wall clock per run; "
-            "the study runs two single-process runs at a time on 2 cores).")
+    one = sum(r["train_seconds"] for r in records if r["cell"]["ranks"] == 1)
+    many = sum(r["train_seconds"] for r in records if r["cell"]["ranks"] > 1)
+    note = (f" Training time, measured per run while the study ran: {one / 60:.0f} min for the single-process "
+            f"runs, {many / 60:.0f} min for the 2-rank runs; with {args.jobs} single-process runs at a time and "
+            f"the 2-rank runs alone on the machine's cores, about {(one / args.jobs + many) / 60:.0f} min of "
+            "wall-clock time, plus start-up and forecasting.")
     try:
         cache = str(args.out.resolve().relative_to(REPO))
     except ValueError:
