@@ -30,7 +30,7 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -49,7 +49,6 @@ class Trained:
     predictor: Any
     info: Dict[str, Any]
     load_last_iterate: Optional[Callable[[], None]] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def params_sha256(net: Any) -> str:
