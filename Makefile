@@ -10,10 +10,10 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 export OMPI_MCA_rmaps_base_oversubscribe ?= 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-fast demo bench docs soak clean image test-hosts
+.PHONY: setup test test-fast demo bench docs soak study clean image test-hosts
 
 setup: $(STAMP)
-$(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/torch.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
+$(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/study.txt requirements/torch.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
 	bash scripts/install.sh $(VENV)
 	@touch $@
 
@@ -48,6 +48,11 @@ docs: setup
 
 soak: setup
 	$(PY) tests/soak.py
+
+## What averaging buys on real series across seeds: trains the runs not cached in runs/study, then rewrites
+## docs/results.md and docs/study/ (about 30-60 minutes on 2 cores from scratch; seconds when all are cached).
+study: setup
+	$(PY) studies/averaging_study.py
 
 clean:
 	rm -rf $(VENV) site build src/*.egg-info runs

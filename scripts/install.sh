@@ -127,6 +127,14 @@ if [ ! -e "$dev_stamp" ]; then
   pip -r "$here/requirements/dev.txt"
   touch "$dev_stamp"
 fi
+# The averaging study's data (pmdarima, statsmodels), constrained so nothing already pinned moves (ITERAVG_STUDY=0
+# skips it: the container image has no use for it).
+study_stamp=$stamp_dir/study-$(sha256sum "$here/requirements/study.txt" | cut -c1-12)
+if [ "${ITERAVG_STUDY:-1}" != 0 ] && [ ! -e "$study_stamp" ]; then
+  log "installing the study's data packages"
+  pip -r "$here/requirements/study.txt" -c "$here/requirements/base.txt" -c "$here/requirements/dev.txt"
+  touch "$study_stamp"
+fi
 # 4. iteravg itself (editable, cheap; always re-run so entry points follow pyproject.toml).
 if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
   pip --no-deps --no-build-isolation -e "$here"

@@ -32,11 +32,11 @@ from mxnet import gluon
 from ..comm import Communicator
 from ..core.averaged import AveragedState
 from ..core.engine import Averager
-from ..core.schedules import AlphaSuffixSchedule, NTASchedule, Schedule, check_eta
+from ..core.schedules import AlphaSuffixSchedule, EMASchedule, NTASchedule, Schedule, check_eta
 from .binding import ModelBinding
 from .ndarray import flat_allocator
 
-__all__ = ["IterationAveragingStrategy", "NTA", "Alpha_Suffix"]
+__all__ = ["IterationAveragingStrategy", "NTA", "Alpha_Suffix", "EMA"]
 
 
 class IterationAveragingStrategy:
@@ -360,3 +360,38 @@ class Alpha_Suffix(IterationAveragingStrategy):  # noqa: N801 -- GluonTS's name
 
     _ARGS = {"epochs": "epochs", "alpha": "alpha", "eta": "eta"}
     alpha_suffix = property(lambda self: self.schedule.alpha_suffix)
+
+
+class EMA(IterationAveragingStrategy):
+    """Exponential moving average of the iterates (``iteravg.EMASchedule``: timm's ``ModelEmaV3`` form).
+
+    Not in GluonTS: an addition on the same interface, so GluonTS's Trainer and iteravg's callback drive it like
+    ``NTA``. Every training step is folded from the first (or after ``update_after_step`` steps) with weight
+    ``1 - decay_k``, ``decay_k = clamp(1 - (1 + k / warmup_gamma) ** -warmup_power, min_decay, decay)`` after
+    ``k`` folds (``warmup=False``: ``decay`` throughout); the first fold copies the iterate. There is no trigger.
+
+    Use it with ``ModelIterationAveraging(EMA(...), recount_epoch_end=False)``: GluonTS's default epoch-end
+    re-fold would count each epoch's last iterate twice, which an EMA does not do.
+    """
+
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        *,
+        min_decay: float = 0.0,
+        warmup: bool = True,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2.0 / 3.0,
+        update_after_step: int = 0,
+        comm: Union[None, str, Communicator] = None,
+        metric_reduce: str = "mean",
+        sync: str = "mean",
+        sync_every_batches: int = 0,
+    ) -> None:
+        schedule = EMASchedule(decay, min_decay=min_decay, warmup=warmup, warmup_gamma=warmup_gamma,
+                               warmup_power=warmup_power, update_after_step=update_after_step)
+        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches)
+
+    _ARGS = {"decay": "decay", "min_decay": "min_decay", "warmup": "warmup", "warmup_gamma": "warmup_gamma",
+             "warmup_power": "warmup_power", "update_after_step": "update_after_step"}
+    decay = property(lambda self: self.schedule.decay)

@@ -1,0 +1,1 @@
+"""Studies: longer measurements than the tests, each behind its own Makefile target (``make study``)."""
