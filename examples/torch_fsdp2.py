@@ -9,7 +9,7 @@ parameter lives on its rank's own shard, snapshots hold the gathered whole, and 
 What iteravg does here (torchtitan's design): ``avg.step()`` folds each rank's local shard of every parameter into
 its local shard of the average -- no communication, no gathered copy, the averaged state costs one shard of memory
 per rank. ``avg.epoch_end`` agrees the trigger (NTA) across ranks; ``avg.swapped()`` puts the averaged shards into the
-model for a validation pass every rank takes part in (FSDP2's forward is collective). ``avg.engine.save`` gathers the
+model for a validation pass every rank takes part in (FSDP2's forward is collective). ``avg.save`` gathers the
 average into one ``averaged.safetensors`` (``model.state_dict()`` names, loadable into a plain model) and writes the
 last training iterate beside it (``training.safetensors``, gathered with ``torch.distributed.checkpoint``'s
 ``get_model_state_dict(full_state_dict=True)``), in one atomic snapshot written by rank 0.
@@ -184,8 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"last iterate val_loss {last_loss:.5f}, averaged model val_loss {averaged_loss:.5f}", flush=True)
 
     training = full_training_state(model)  # collective: rank 0 holds the whole last iterate
-    snapshot = avg.engine.save(checkpoints, epoch=args.epochs,  # collective; rank 0 writes one atomic snapshot
-                               extra_files={TRAINING_FILE: lambda path: save_file(training, str(path))})
+    snapshot = avg.save(checkpoints, epoch=args.epochs,  # collective; rank 0 writes one atomic snapshot
+                        extra_files={TRAINING_FILE: lambda path: save_file(training, str(path))})
     if snapshot is not None:
         print(f"averaged model: {snapshot / 'averaged.safetensors'}", flush=True)
     averaged = avg.averaged_state_dict()  # the gathered whole, host tensors, on every rank (collective)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -192,9 +192,13 @@ class Averager:
         self.engine.load_state_dict(dict(state_dict["averager"]), tensors=arrays, params=self._source)
 
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
-             keep: int = 2) -> Optional[Path]:
-        """Sync, then rank 0 writes an atomic snapshot (collective). Returns its path on rank 0, None elsewhere."""
-        return self.engine.save(checkpoint_dir, epoch=epoch, stage=stage, keep=keep)
+             keep: int = 2, extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
+             extra_state: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+        """Sync, then rank 0 writes an atomic snapshot (collective). Returns its path on rank 0, None elsewhere.
+        ``extra_files`` (name -> writer of that file's path, called on rank 0) and ``extra_state`` (JSON) go into the
+        same snapshot, e.g. the training weights and the optimizer's state for a full resume."""
+        return self.engine.save(checkpoint_dir, epoch=epoch, stage=stage, keep=keep, extra_files=extra_files,
+                                extra_state=extra_state)
 
     def load(self, checkpoint_dir: os.PathLike) -> Dict[str, Any]:
         """Restore the average and progress from a snapshot written at any world size (collective)."""
