@@ -26,7 +26,7 @@ import numpy as np
 
 from ._kernel import KERNELS, pointer_table, scale_and_word_sums, segment_fingerprints, word_sums
 
-__all__ = ["TensorSpec", "Layout", "AveragedState", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint",
+__all__ = ["TensorSpec", "Layout", "AveragedState", "HostSyncMixin", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint",
            "chain_fingerprint"]
 
 #: Elements per bucket: 64 Ki float32 = 256 KiB, comfortably inside L2 with its scratch.
@@ -173,7 +173,38 @@ class FoldPlan:
                 pos += p.size
 
 
-class AveragedState:
+class HostSyncMixin:
+    """What ``collectives.sync_average`` asks of a numpy state (host buffers), shared by the unsharded and the
+    sharded one: ``current(g)`` is the part of group ``g`` every rank holds, ``sync_view(g)`` the same plus the
+    trailing contributor slot."""
+
+    def mark_contribution(self, g: int, has_data: bool) -> None:
+        """Before a sum-allreduce of group ``g``: 1 in the trailing slot if this rank holds an average, else all
+        zeros (an empty rank must not pull the mean towards zero)."""
+        buf = self.sync_view(g)
+        if has_data:
+            buf[-1] = 1
+        else:
+            buf[:] = 0
+
+    def contributors(self, g: int) -> int:
+        """After the sum-allreduce: how many ranks contributed (the trailing slot's sum)."""
+        return int(round(float(self.sync_view(g)[-1])))
+
+    def tensor_fingerprints(self, g: int, ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """``(len(ranges), 2)`` uint64: the 128-bit fingerprint of each range of ``current(g)`` (adjacent ranges)."""
+        return segment_fingerprints(self.current(g), range_bounds(ranges))
+
+    def scale_range(self, g: int, a: int, b: int, factor: float) -> None:
+        """``current(g)[a:b] *= factor`` with the rounding of ``scale`` (float16 through float32, once)."""
+        data = self.current(g)[a:b]
+        if data.dtype.itemsize < 4:
+            np.multiply(data, np.float32(factor), out=data, dtype=np.float32, casting="unsafe")
+        else:
+            np.multiply(data, data.dtype.type(factor), out=data)
+
+
+class AveragedState(HostSyncMixin):
     """The running average of model iterates: one flat buffer per dtype (double-buffered), plus counters.
 
     ``fold(plan, alpha)`` folds the model's current iterate with weight ``alpha`` (``alpha == 1`` copies it).
@@ -301,35 +332,10 @@ class AveragedState:
             part = self._partition = Partition(self.layout, full_pieces(self.layout))
         return part
 
-    def tensor_fingerprints(self, g: int, ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
-        """``(len(ranges), 2)`` uint64: the 128-bit fingerprint of each range of ``current(g)`` (adjacent ranges)."""
-        return segment_fingerprints(self.current(g), range_bounds(ranges))
-
-    def scale_range(self, g: int, a: int, b: int, factor: float) -> None:
-        """``current(g)[a:b] *= factor`` with the rounding of ``scale`` (float16 through float32, once)."""
-        data = self.current(g)[a:b]
-        if data.dtype.itemsize < 4:
-            np.multiply(data, np.float32(factor), out=data, dtype=np.float32, casting="unsafe")
-        else:
-            np.multiply(data, data.dtype.type(factor), out=data)
-
     def replicated_part(self, buffer: Tuple[np.ndarray, Any], g: int) -> Tuple[np.ndarray, Any]:
         return buffer
 
     # -- what ``collectives.sync_average`` asks of a state ---------------------------------------
-    def mark_contribution(self, g: int, has_data: bool) -> None:
-        """Before a sum-allreduce of group ``g``: 1 in the trailing slot if this rank holds an average, else all
-        zeros (an empty rank must not pull the mean towards zero)."""
-        buf = self.sync_view(g)
-        if has_data:
-            buf[-1] = 1
-        else:
-            buf[:] = 0
-
-    def contributors(self, g: int) -> int:
-        """After the sum-allreduce: how many ranks contributed (the trailing slot's sum)."""
-        return int(round(float(self.sync_view(g)[-1])))
-
     def scale(self, g: int, factor: float) -> Optional[tuple]:
         """``avg *= factor`` for group ``g`` (the mean's division). float32: one pass that also returns the word
         sums of the result for ``fingerprint`` (C kernel, or numpy with the same bits); float16 is scaled in

@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._kernel import KERNELS, segment_fingerprints
-from .averaged import Allocator, FoldPlan, FoldResult, Layout, fingerprint, numpy_allocator, range_bounds
+from ._kernel import KERNELS
+from .averaged import Allocator, FoldPlan, FoldResult, HostSyncMixin, Layout, fingerprint, numpy_allocator
 from .partition import Partition
 
 __all__ = ["ShardedState"]
@@ -34,7 +34,7 @@ _LIMITS = {"float16": (np.uint16, 0x7FFF, 0x7800), "float32": (np.uint32, 0x7FFF
            "float64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FE0000000000000)}
 
 
-class ShardedState:
+class ShardedState(HostSyncMixin):
     """This rank's pieces of the average (``partition``), one flat buffer per dtype group (see the module doc)."""
 
     partitioned = True
@@ -198,28 +198,8 @@ class ShardedState:
         return buffer[0][first:first + n], (None if nd is None else nd[first:first + n])
 
     # -- what ``collectives.sync_average`` asks --------------------------------------------------
-    def mark_contribution(self, g: int, has_data: bool) -> None:
-        buf = self.sync_view(g)
-        if has_data:
-            buf[-1] = 1
-        else:
-            buf[:] = 0
-
-    def contributors(self, g: int) -> int:
-        return int(round(float(self.sync_view(g)[-1])))
-
     def scale(self, g: int, factor: float) -> None:
         self.scale_range(g, 0, self.partition.replicated_size(g), factor)
-
-    def tensor_fingerprints(self, g: int, ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
-        return segment_fingerprints(self.current(g), range_bounds(ranges))
-
-    def scale_range(self, g: int, a: int, b: int, factor: float) -> None:
-        data = self.current(g)[a:b]
-        if data.dtype.itemsize < 4:
-            np.multiply(data, np.float32(factor), out=data, dtype=np.float32, casting="unsafe")
-        else:
-            np.multiply(data, data.dtype.type(factor), out=data)
 
     def flip_lowest_bit(self) -> None:
         for g in range(len(self.layout.groups)):
