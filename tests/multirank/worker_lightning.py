@@ -3,13 +3,15 @@
 or one process without a launcher; CPU, Gloo.
 
 usage: worker_lightning.py OUT_DIR --strategy ddp|fsdp|single [--schedule nta|alpha|ema] [--epochs N]
-    [--resume-epoch K] [--no-val]
+    [--resume-epoch K] [--no-val] [--control]
 
 Fit A trains ``--epochs`` epochs and writes a full checkpoint at every epoch end (ModelCheckpoint, save_top_k=-1) into
 OUT_DIR/ckpt. With ``--resume-epoch K`` the same processes then run fit B: a fresh model and callback resumed from
 epoch K's checkpoint (``fit(ckpt_path=...)``) up to the same epoch count -- its average must be A's, bit for bit.
 Each rank writes OUT_DIR/rank-R.json: SHA-256 of the averaged state and of the final model for each fit, counters,
 the trigger epoch and the metric log the trigger saw, and a digest of the first training batch this rank drew.
+``--control`` adds fit C, the same training without averaging: swapping the average in and out for validation and
+between epochs must leave the training weights' path unchanged.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def digest(tensors: dict) -> str:
     for k in sorted(k for k, v in tensors.items() if v.is_floating_point()):
         full = tensors[k].full_tensor() if hasattr(tensors[k], "full_tensor") else tensors[k]
         h.update(k.encode())
-        h.update(full.detach().cpu().contiguous().numpy().tobytes())
+        h.update(full.detach().cpu().clone().numpy().tobytes())  # a copy: .numpy() pins a storage FSDP frees
     return h.hexdigest()
 
 
@@ -96,7 +98,7 @@ class Regressor(pl.LightningModule):
 
 def schedule(kind: str, epochs: int) -> iteravg.Schedule:
     if kind == "nta":
-        return iteravg.NTASchedule(epochs=epochs, n=1, fallback_alpha=0.5)
+        return iteravg.NTASchedule(epochs=epochs, n=1)
     if kind == "alpha":
         return iteravg.AlphaSuffixSchedule(epochs=epochs, alpha=0.5)
     if kind == "ema":
@@ -114,37 +116,49 @@ def strategy(kind: str):
     return dict(devices=1)
 
 
-class Probe(pl.Callback):
-    """After IterationAveraging's epoch end: per epoch, the digest of the training weights and of the average."""
+class Trained(pl.Callback):
+    """Placed before IterationAveraging: the digest of the training parameters at each epoch's end."""
 
-    def __init__(self, cb: IterationAveraging) -> None:
-        self.cb, self.epochs = cb, {}
+    def __init__(self) -> None:
+        self.epochs: dict = {}
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.epochs.setdefault(trainer.current_epoch, {})["start"] = digest(pl_module.state_dict())
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Parameters only: under DDP, BatchNorm's running statistics are per rank between forwards (DDP broadcasts
+        # rank 0's at the start of each forward), so they are not expected to agree across ranks.
+        self.epochs.setdefault(trainer.current_epoch, {})["trained"] = digest(dict(pl_module.named_parameters()))
+
+
+class Averaged(pl.Callback):
+    """Placed after IterationAveraging: the digest of the average after each epoch's end."""
+
+    def __init__(self, cb: IterationAveraging, epochs: dict) -> None:
+        self.cb, self.epochs = cb, epochs
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         averaged = self.cb.averager.averaged_state_dict()  # collective when sharded: every rank calls it
         self.epochs.setdefault(trainer.current_epoch, {})["averaged"] = None if averaged is None else digest(averaged)
 
 
-def fit(args, ckpt: Path, resume: Path = None) -> dict:
+def fit(args, ckpt: Path, resume: Path = None, averaging: bool = True) -> dict:
     model = Regressor(fsdp=args.strategy == "fsdp")
     cb = IterationAveraging(schedule(args.schedule, args.epochs), monitor="val_loss")
     saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    probe = Probe(cb)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", callbacks=[cb, probe, saver], logger=False,
+    trained = Trained()
+    callbacks = [trained, cb, Averaged(cb, trained.epochs), saver] if averaging else [trained, saver]
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", callbacks=callbacks, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1,
                          **strategy(args.strategy))
     val = None if args.no_val else DataLoader(dataset(2), batch_size=BATCH)
     trainer.fit(model, DataLoader(dataset(1), batch_size=BATCH), val, ckpt_path=resume)
     result: dict = {}
+    if not averaging:
+        return {"epochs": trained.epochs}
     avg = cb.averager
     averaged = avg.averaged_state_dict()
     result.update(averaged_sha=None if averaged is None else digest(averaged), counter=avg.average_counter,
                   trigger_epoch=avg.schedule.trigger_epoch, val_logs=list(getattr(avg.schedule, "val_logs", [])),
                   final_model_sha=digest(model.state_dict()), comm=avg.comm.name, world=avg.comm.size,
-                  global_step=trainer.global_step, first_batch=model.first_batch, epochs=probe.epochs)
+                  global_step=trainer.global_step, first_batch=model.first_batch, epochs=trained.epochs)
     return result
 
 
@@ -156,12 +170,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--resume-epoch", type=int)
     ap.add_argument("--no-val", action="store_true")
+    ap.add_argument("--control", action="store_true")
     args = ap.parse_args()
     ckpt = args.out / "ckpt"
     result = {"a": fit(args, ckpt)}
     if args.resume_epoch is not None:
         name = f"epoch={args.resume_epoch - 1}.ckpt"  # Lightning counts epochs from 0
         result["b"] = fit(args, args.out / "ckpt-b", resume=ckpt / name)
+    if args.control:  # the same fit without averaging: the training weights must follow the same path
+        result["control"] = fit(args, args.out / "ckpt-c", averaging=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     result["rank"] = rank
     result["imported_mxnet"] = "mxnet" in sys.modules
