@@ -57,3 +57,15 @@ def test_deepar_ddp_nta_forecasts_like_one_process_and_ranks_draw_their_own_wind
     for check in plain + seeded:
         assert check["best_epoch_average"] is not None and check["predictor_sha"] == check["best_epoch_average"]
     assert seeded[0]["predictor_sha"] == seeded[1]["predictor_sha"]
+
+
+def test_example_trains_with_ddp_on_two_processes(tmp_path):
+    """examples/gluonts_torch_train.py under Lightning's DDP (its launcher starts the second process): rank 0 writes
+    the serialised predictor and the report, the other rank nothing."""
+    out = tmp_path / "run"
+    proc = run([sys.executable, "examples/gluonts_torch_train.py", "--out", str(out), "--devices", "2", "--epochs", "3",
+                "--batches", "4"], timeout=600, env={"ITERAVG_COLLECTIVE_TIMEOUT": "120"})
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and report["trigger_epoch"] == 3 and report["averaged_iterates"] == 1
+    assert report["mean_wQuantileLoss"] > 0 and (out / "predictor").is_dir()
+    assert proc.stdout.count('"processes": 2') == 1  # printed once, by rank 0
