@@ -113,7 +113,8 @@ class IterationAveraging(pl.Callback):
             raise ValueError("this IterationAveraging callback already averaged another LightningModule; an "
                              "averager follows one model: create a new callback (and schedule) for a new model")
         self._sharded = _is_sharded(pl_module)
-        if self._pending is not None:
+        self._last_step = trainer.global_step  # a later fit of the same model counts from its own trainer's steps
+        if self._pending is not None:  # a resumed fit: the checkpoint's step count wins
             pending, self._pending = self._pending, None
             self._apply_state(pending)
 
