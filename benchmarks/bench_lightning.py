@@ -3,10 +3,13 @@ vs Lightning's own ``EMAWeightAveraging``, measured side by side in one run (one
 
 Two models: a deep, narrow MLP (``narrow``: 24 Linear layers of width 64, 48 tensors, ~0.1 M parameters -- per-tensor
 overhead dominates, as in most GluonTS models) and a wide one (``wide``: 4 Linear layers of width 1024, ~2.1 M
-parameters -- memory traffic dominates). Variants, each a fresh ``lightning.Trainer.fit`` of ``--epochs`` epochs of
-``--steps`` SGD steps (batch 64); the first epoch is warm-up, a step's time is the epoch's batch loop (epoch start to the
-last ``on_train_batch_end`` of every callback, folds included) divided by its steps, median over the timed epochs, then
-median over ``--reps`` repetitions whose variant order is shuffled:
+parameters -- memory traffic dominates). Each variant is a fresh ``lightning.Trainer.fit`` of ``--epochs`` epochs of
+``--steps`` SGD steps (batch 64), the first epoch warm-up; a step's time is the interval between consecutive
+``on_train_batch_end`` calls of the last callback (one whole loop iteration: data, forward, backward, optimizer step,
+every callback's fold). The steps of ``--reps`` repetitions, whose variant order is shuffled, are pooled, and the median
+is reported twice: the **CPU time** this process spent on a step (``time.process_time``; one thread, so it does not
+count time other processes on a shared machine took from it -- the robust measure of what averaging costs) and the
+wall time:
 
 * ``none``           -- no averaging callback
 * ``iteravg-ema``    -- ``IterationAveraging(EMASchedule(decay=0.999, warmup=False))``: a fold every step
@@ -14,7 +17,8 @@ median over ``--reps`` repetitions whose variant order is shuffled:
 * ``iteravg-nocheck``-- as ``iteravg-ema`` with ``check_finite=False`` (no NaN/inf check per fold)
 * ``lightning-ema``  -- ``lightning.pytorch.callbacks.EMAWeightAveraging(decay=0.999)``: an update every step
 
-Ratios are per-step times over ``none``'s (1.00 = free).
+Ratios are per-step times over ``none``'s (1.00 = free). The epoch-end work (trigger, sync) is once per epoch and not
+counted.
 
     python benchmarks/bench_lightning.py            # both models, 3 repetitions
     python benchmarks/bench_lightning.py --quick    # fewer steps and repetitions
@@ -69,22 +73,24 @@ class Module(pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
-    """Placed last: from the epoch's start to the last on_train_batch_end of every callback, per step."""
+    """Placed last: from one ``on_train_batch_end`` of the last callback to the next -- one whole loop iteration (data,
+    forward, backward, optimizer step, every callback's fold) -- after the first epoch; CPU time of this process and
+    wall time."""
 
     def __init__(self) -> None:
-        self.per_step: List[float] = []
-        self._start = 0.0
-        self._last = 0.0
-        self._steps = 0
+        self.cpu: List[float] = []
+        self.wall: List[float] = []
+        self._last = None
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._steps = time.perf_counter(), 0
+        self._last = None  # the epoch boundary (and the epoch-end hooks) is not a step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._last, self._steps = time.perf_counter(), self._steps + 1
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.per_step.append((self._last - self._start) / self._steps)
+        now = (time.process_time(), time.perf_counter())
+        if self._last is not None and trainer.current_epoch > 0:
+            self.cpu.append(now[0] - self._last[0])
+            self.wall.append(now[1] - self._last[1])
+        self._last = now
 
 
 def variant_callbacks(name: str) -> list:
@@ -106,7 +112,7 @@ def variant_callbacks(name: str) -> list:
 VARIANTS = ("none", "iteravg-ema", "iteravg-poly", "iteravg-nocheck", "lightning-ema")
 
 
-def measure(model: str, variant: str, epochs: int, steps: int) -> float:
+def measure(model: str, variant: str, epochs: int, steps: int) -> StepTimer:
     torch.manual_seed(0)
     x = torch.randn(steps * BATCH, 32)
     data = DataLoader(TensorDataset(x, x[:, :1].sin()), batch_size=BATCH)
@@ -115,38 +121,42 @@ def measure(model: str, variant: str, epochs: int, steps: int) -> float:
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[*variant_callbacks(variant), timer])
     trainer.fit(Module(MODELS[model]()), data)
-    return statistics.median(timer.per_step[1:])  # the first epoch warms up
+    return timer
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", default="narrow,wide")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.epochs, args.steps, args.reps = 3, 30, 1
+        args.epochs, args.steps, args.reps = 2, 30, 1
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {args.reps} reps x {args.epochs - 1} timed epochs "
-          f"x {args.steps} steps, batch {BATCH}, 1 thread")
+          f"x {args.steps} steps, batch {BATCH}, 1 thread; per-step CPU and wall time, medians")
     for model in args.models.split(","):
         n_tensors = sum(1 for _ in MODELS[model]().parameters())
         n_params = sum(p.numel() for p in MODELS[model]().parameters())
-        times: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+        cpu: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+        wall: Dict[str, List[float]] = {v: [] for v in VARIANTS}
         rng = random.Random(0)
         for _ in range(args.reps):
             order = list(VARIANTS)
             rng.shuffle(order)
             for variant in order:
-                times[variant].append(measure(model, variant, args.epochs, args.steps))
-        base = statistics.median(times["none"])
-        print(f"\n{model}: {n_tensors} tensors, {n_params / 1e6:.2f} M parameters")
-        print(f"  {'variant':<16} {'ms/step':>8} {'ratio':>6}")
+                timer = measure(model, variant, args.epochs, args.steps)
+                cpu[variant].extend(timer.cpu)
+                wall[variant].extend(timer.wall)
+        print(f"\n{model}: {n_tensors} tensors, {n_params / 1e6:.2f} M parameters, {len(cpu['none'])} timed steps "
+              "per variant")
+        print(f"  {'variant':<16} {'CPU ms':>8} {'ratio':>6} {'wall ms':>8} {'ratio':>6}")
+        base_cpu, base_wall = statistics.median(cpu["none"]), statistics.median(wall["none"])
         for variant in VARIANTS:
-            t = statistics.median(times[variant])
-            print(f"  {variant:<16} {t * 1e3:8.3f} {t / base:6.2f}")
+            c, w = statistics.median(cpu[variant]), statistics.median(wall[variant])
+            print(f"  {variant:<16} {c * 1e3:8.3f} {c / base_cpu:6.2f} {w * 1e3:8.3f} {w / base_wall:6.2f}")
 
 
 if __name__ == "__main__":

@@ -225,6 +225,31 @@ def test_weights_only_checkpoints_hold_the_average(tmp_path):
     assert all(torch.equal(final[k], averages.seen[3][k]) for k in averages.seen[3] if final[k].is_floating_point())
 
 
+def test_one_process_resume_continues_the_average_bit_for_bit(tmp_path):
+    """fit(ckpt_path=...) from the trigger epoch's full checkpoint (written between epochs: the average in
+    state_dict, the training weights in current_model_state) ends with the uninterrupted fit's average and schedule
+    state."""
+    def run(ckpt_dir, resume=None):
+        cb = IterationAveraging(iteravg.NTASchedule(epochs=5, n=1), monitor="val_loss")
+        saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1)
+        model = Net()
+        trainer = pl.Trainer(max_epochs=5, accelerator="cpu", devices=1, callbacks=[cb, saver], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, loader(1), loader(2), ckpt_path=resume)
+        return cb, floats(model)
+
+    whole, whole_model = run(tmp_path / "a")
+    trigger = whole.schedule.trigger_epoch
+    assert trigger < 5  # resume from the trigger epoch's checkpoint: an average to continue, epochs to go
+    path = tmp_path / "a" / f"epoch={trigger - 1}.ckpt"
+    assert "current_model_state" in torch.load(path, weights_only=False)
+    resumed, resumed_model = run(tmp_path / "b", resume=path)
+    assert all(torch.equal(resumed_model[k], whole_model[k]) for k in whole_model)
+    assert resumed.schedule.state_dict() == whole.schedule.state_dict()
+
+
 def test_bad_arguments_and_a_missing_monitor_raise_clear_errors():
     with pytest.raises(ValueError, match="schedule must be an iteravg schedule"):
         IterationAveraging("nta")
