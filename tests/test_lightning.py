@@ -226,23 +226,24 @@ def test_weights_only_checkpoints_hold_the_average(tmp_path):
 
 
 def test_one_process_resume_continues_the_average_bit_for_bit(tmp_path):
-    """fit(ckpt_path=...) from the trigger epoch's full checkpoint (written between epochs: the average in
-    state_dict, the training weights in current_model_state) ends with the uninterrupted fit's average and schedule
-    state."""
-    def run(ckpt_dir, resume=None):
-        cb = IterationAveraging(iteravg.NTASchedule(epochs=5, n=1), monitor="val_loss")
+    """fit(ckpt_path=...) from an epoch-end full checkpoint (written between epochs: the average in state_dict, the
+    training weights in current_model_state) ends with the uninterrupted fit's average and schedule state -- the NTA
+    log of training losses included."""
+    def run(ckpt_dir, resume=None):  # no validation: the trigger reads the epochs' training losses
+        cb = IterationAveraging(iteravg.NTASchedule(epochs=5, n=1, fallback_alpha=0.5), monitor="val_loss")
         saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1)
         model = Net()
         trainer = pl.Trainer(max_epochs=5, accelerator="cpu", devices=1, callbacks=[cb, saver], logger=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trainer.fit(model, loader(1), loader(2), ckpt_path=resume)
+            trainer.fit(model, loader(1), ckpt_path=resume)
         return cb, floats(model)
 
     whole, whole_model = run(tmp_path / "a")
     trigger = whole.schedule.trigger_epoch
-    assert trigger < 5  # resume from the trigger epoch's checkpoint: an average to continue, epochs to go
+    assert trigger < 5 and whole.schedule.val_logs  # resume from the trigger epoch's checkpoint: an average to
+    # continue, epochs to go, and a log of training losses in the state
     path = tmp_path / "a" / f"epoch={trigger - 1}.ckpt"
     assert "current_model_state" in torch.load(path, weights_only=False)
     resumed, resumed_model = run(tmp_path / "b", resume=path)

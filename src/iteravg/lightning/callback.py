@@ -96,7 +96,6 @@ class IterationAveraging(pl.Callback):
         self._last_step = 0  # trainer.global_step at the last fold: one fold per optimizer step
         self._loss_sum: Any = 0.0
         self._loss_count = 0
-        self._keep_epoch_loss = False  # resumed mid-epoch: the restored partial loss belongs to this epoch
         self._validated = False  # validation ran in this training epoch (not the sanity check)
         self._swapped_for_validation = False
         self._swapped_between_epochs = False
@@ -121,11 +120,7 @@ class IterationAveraging(pl.Callback):
     # -- training ------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore_training_weights()
-        self._validated = False
-        if self._keep_epoch_loss:
-            self._keep_epoch_loss = False
-        else:
-            self._loss_sum, self._loss_count = 0.0, 0
+        self._new_epoch()  # (a fit resumed mid-epoch skips this hook and goes on with the restored partial loss)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -143,6 +138,7 @@ class IterationAveraging(pl.Callback):
         metric = self._epoch_metric(trainer, epoch) if avg.schedule.needs_metric(epoch) else None
         started_before = avg.averaging_started
         avg.epoch_end(metric=metric, epoch=epoch, fold=self.recount_epoch_end or not started_before)
+        self._new_epoch()  # an epoch-end checkpoint carries no partial epoch
         if not self._sharded:  # just synced: every rank loads the same bits, no collective needed
             self._swapped_between_epochs = avg.load_averaged(sync=False)
 
@@ -228,7 +224,6 @@ class IterationAveraging(pl.Callback):
         self._loss_sum = float(state.get("loss_sum", 0.0))
         self._loss_count = int(state.get("loss_count", 0))
         self._validated = bool(state.get("validated", False))
-        self._keep_epoch_loss = self._loss_count > 0
 
     def _reshard(self) -> None:
         """FSDP2: put every FSDP module back on its sharded parameters before the shards are written. FSDP2 keeps the
@@ -238,6 +233,9 @@ class IterationAveraging(pl.Callback):
             for module in self._bound().model.modules():
                 if isinstance(module, FSDPModule):
                     module.reshard()
+
+    def _new_epoch(self) -> None:
+        self._loss_sum, self._loss_count, self._validated = 0.0, 0, False
 
     def _restore_training_weights(self) -> None:
         if self._swapped_between_epochs:
