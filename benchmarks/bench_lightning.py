@@ -1,5 +1,6 @@
-"""What averaging costs per training step inside Lightning's loop: no averaging vs ``iteravg.lightning.IterationAveraging``
-vs Lightning's own ``EMAWeightAveraging``, measured side by side in one run (one process, CPU).
+"""What averaging costs per training step inside Lightning's loop: no averaging vs
+``iteravg.lightning.IterationAveraging`` vs Lightning's own ``EMAWeightAveraging``, side by side in one run (one
+process, CPU).
 
 Two models: a deep, narrow MLP (``narrow``: 24 Linear layers of width 64, 48 tensors, ~0.1 M parameters -- per-tensor
 overhead dominates, as in most GluonTS models) and a wide one (``wide``: 4 Linear layers of width 1024, ~2.1 M

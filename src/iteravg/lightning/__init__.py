@@ -1,5 +1,5 @@
-"""``iteravg.lightning``: GluonTS's iteration averaging (NT-ASGD, suffix, polynomial-decay, EMA) as a Lightning callback,
-distributed under DDP and FSDP2.
+"""``iteravg.lightning``: GluonTS's iteration averaging (NT-ASGD, suffix, polynomial-decay, EMA) as a Lightning
+callback, distributed under DDP and FSDP2.
 
 A thin translation of Lightning's hooks onto ``iteravg.torch.Averager`` (as ``iteravg.mx.callback`` translates GluonTS's
 MXNet hooks)::
