@@ -18,7 +18,6 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("lightning")
 pytest.importorskip("gluonts.torch")
-pytest.importorskip("statsmodels")
 
 from multirank.launch import run  # noqa: E402
 
