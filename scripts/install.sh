@@ -44,7 +44,7 @@ mkdir -p "$stamp_dir"
 pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
 
 # 3. Python dependencies, in the order that works: numpy pinned for mxnet (numpy 1.24 removed np.bool),
-#    then mxnet, then Horovod built from source against both.
+#    then mxnet, then (optionally) torch, then Horovod built from source against them.
 # Stamps carry a hash of their requirements file, so editing it re-runs that step.
 base_stamp=$stamp_dir/base-$(sha256sum "$here/requirements/base.txt" | cut -c1-12)
 dev_stamp=$stamp_dir/dev-$(sha256sum "$here/requirements/dev.txt" | cut -c1-12)
@@ -54,25 +54,14 @@ if [ ! -e "$base_stamp" ]; then
   pip -r "$here/requirements/base.txt"
   touch "$base_stamp"
 fi
-if [ ! -e "$stamp_dir/horovod" ] || ! "$py" -c 'import horovod.mxnet' >/dev/null 2>&1; then
-  log "building horovod 0.28.1 from source (MXNet + MPI + Gloo), ~80 s"
-  # Debian's cmake first on PATH: a cmake 4.x from pip would break gloo's build.
-  PATH=/usr/bin:$PATH \
-  HOROVOD_WITH_MXNET=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-  HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_PYTORCH=1 \
-    "$py" -m pip install --disable-pip-version-check -q --no-build-isolation --no-cache-dir horovod==0.28.1
-  touch "$stamp_dir/horovod"
-fi
-if [ ! -e "$dev_stamp" ]; then
-  log "installing test and docs dependencies"
-  pip -r "$here/requirements/dev.txt"
-  touch "$dev_stamp"
-fi
-# Optional: CPU PyTorch for examples/torch_averaging.py and its test (~50 s, ~870 MB; ITERAVG_TORCH=0 skips it).
-# --no-deps: torch's metadata asks for setuptools>=77, which would replace the setuptools<70 Horovod's build
-# needs; requirements/torch.txt lists torch's other runtime dependencies. A failure only skips those tests.
-torch_stamp=$stamp_dir/torch-$(sha256sum "$here/requirements/torch.txt" | cut -c1-12)
-if [ "${ITERAVG_TORCH:-1}" != 0 ] && { [ ! -e "$torch_stamp" ] || ! "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)'; }; then
+# Optional: CPU PyTorch, before Horovod so that Horovod builds its PyTorch binding too (~50 s, ~870 MB;
+# ITERAVG_TORCH=0 skips it). --no-deps: torch's metadata asks for setuptools>=77, which would replace the
+# setuptools<70 Horovod's build needs; requirements/torch.txt lists torch's other runtime dependencies.
+# A failure only skips the torch tests and builds Horovod without its PyTorch binding.
+torch_hash=$(sha256sum "$here/requirements/torch.txt" | cut -c1-12)
+torch_stamp=$stamp_dir/torch-$torch_hash
+has_torch() { "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("torch") is None)'; }
+if [ "${ITERAVG_TORCH:-1}" != 0 ] && { [ ! -e "$torch_stamp" ] || ! has_torch; }; then
   log "installing CPU PyTorch (optional)"
   if pip --no-deps -r "$here/requirements/torch.txt"; then
     touch "$torch_stamp"
@@ -80,10 +69,68 @@ if [ "${ITERAVG_TORCH:-1}" != 0 ] && { [ ! -e "$torch_stamp" ] || ! "$py" -c 'im
     log "warning: PyTorch could not be installed; tests/test_torch_example.py will be skipped"
   fi
 fi
+# Horovod 0.28.1 from source against the numpy, mxnet and torch above: MPI + Gloo controllers, the MXNet binding,
+# and the PyTorch binding when torch is installed (iteravg's Horovod communicator uses horovod.torch in jobs that
+# never import MXNet, so they do not load it: src/iteravg/comm/horovod.py).
+# * Debian's cmake first on PATH: a cmake 4.x from pip would break gloo's build.
+# * torch >= 2.1's headers stop with "#error C++17 or later compatible compiler is required to use PyTorch",
+#   while Horovod 0.28.1 (the last release) hard-codes set(CMAKE_CXX_STANDARD 14) (upstream's fix, horovod
+#   PR #3998, came after it). A CMake toolchain file, given through the CMAKE_TOOLCHAIN_FILE environment variable
+#   (cmake >= 3.21; bookworm has 3.25), has CMake read it again as a C++ rules override once the compiler is set
+#   up, where it makes the flag CMake emits for C++14 be -std=c++17: the whole build is C++17, sources unchanged.
+# * The stamp lists the bindings built; the step reruns when one of them no longer imports, or when the wanted
+#   set changes (an existing MXNet-only build is rebuilt once when torch is there).
+build_horovod() {  # $1: with (1) or without (0) the PyTorch binding
+  local torch_env=(HOROVOD_WITHOUT_PYTORCH=1)
+  if [ "$1" = 1 ]; then
+    local toolchain=$stamp_dir/horovod-cxx17.cmake
+    printf '%s\n' 'set(CMAKE_USER_MAKE_RULES_OVERRIDE_CXX "${CMAKE_CURRENT_LIST_FILE}")' \
+      'set(CMAKE_CXX14_STANDARD_COMPILE_OPTION "-std=c++17")' \
+      'set(CMAKE_CXX14_EXTENSION_COMPILE_OPTION "-std=gnu++17")' > "$toolchain"
+    torch_env=(HOROVOD_WITH_PYTORCH=1 "CMAKE_TOOLCHAIN_FILE=$toolchain")
+  fi
+  # --force-reinstall --no-deps: rebuild over an installed horovod 0.28.1 (pip would call it satisfied);
+  # the second call then only adds Horovod's missing runtime dependencies.
+  env PATH=/usr/bin:$PATH MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
+    HOROVOD_WITH_MXNET=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 "${torch_env[@]}" \
+    "$py" -m pip install --disable-pip-version-check -q --no-build-isolation --no-cache-dir --force-reinstall \
+      --no-deps horovod==0.28.1 \
+  && pip horovod==0.28.1
+}
+hvd_want=mxnet
+if has_torch; then hvd_want="mxnet torch"; fi
+hvd_stamp=$stamp_dir/horovod-${hvd_want// /-}$([ "$hvd_want" = mxnet ] || echo "-$torch_hash")
+hvd_built() {
+  [ -s "$hvd_stamp" ] || return 1
+  local b
+  for b in $(cat "$hvd_stamp"); do "$py" -c "import horovod.$b" >/dev/null 2>&1 || return 1; done
+}
+if ! hvd_built; then
+  if [ "$hvd_want" != mxnet ]; then
+    log "building horovod 0.28.1 from source (MXNet + PyTorch bindings, MPI + Gloo), ~8 min on 2 cores"
+    if build_horovod 1; then
+      echo "mxnet torch" > "$hvd_stamp"
+    else
+      log "warning: Horovod's PyTorch binding did not build; building Horovod with MXNet only" \
+        "(numpy and torch jobs under horovodrun then load MXNet)"
+      build_horovod 0
+      echo mxnet > "$hvd_stamp"
+    fi
+  else
+    log "building horovod 0.28.1 from source (MXNet + MPI + Gloo), ~80 s"
+    build_horovod 0
+    echo mxnet > "$hvd_stamp"
+  fi
+fi
+if [ ! -e "$dev_stamp" ]; then
+  log "installing test and docs dependencies"
+  pip -r "$here/requirements/dev.txt"
+  touch "$dev_stamp"
+fi
 # Optional: Lightning for iteravg.lightning and gluonts.torch's estimators (needs the torch step; same --no-deps
 # reason, see requirements/lightning.txt). A failure only skips the Lightning tests.
 lightning_stamp=$stamp_dir/lightning-$(sha256sum "$here/requirements/lightning.txt" | cut -c1-12)
-if [ "${ITERAVG_TORCH:-1}" != 0 ] && [ -e "$torch_stamp" ] && { [ ! -e "$lightning_stamp" ] || ! "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("lightning") is None)'; }; then
+if [ "${ITERAVG_TORCH:-1}" != 0 ] && has_torch && { [ ! -e "$lightning_stamp" ] || ! "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("lightning") is None)'; }; then
   log "installing Lightning (optional)"
   if pip --no-deps -r "$here/requirements/lightning.txt"; then
     touch "$lightning_stamp"
@@ -96,3 +143,4 @@ if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
   pip --no-deps --no-build-isolation -e "$here"
 fi
 log "ok: $("$py" -c 'import mxnet, horovod, numpy; print("mxnet", mxnet.__version__, "horovod", horovod.__version__, "numpy", numpy.__version__)')"
+log "horovod bindings: $(cat "$hvd_stamp")"

@@ -240,3 +240,29 @@ def test_sync_every_k_batches_and_only_rank_0_writes(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "rank0-avg.npy"), ref_avg, rtol=1e-5, atol=1e-6)
     assert (tmp_path / "ckpt-r0" / "averaged.params").exists()
     assert not (tmp_path / "ckpt-r1").exists()
+
+
+@pytest.mark.timeout(900)
+def test_mxnet_data_parallel_sharded_and_unsharded_equal_the_single_process_average(tmp_path):
+    """An MXNet model (Dense + BatchNorm + Dense) with the same trained parameters on every rank: under horovodrun
+    (MPI and Gloo controllers) and mpirun + mpi4py, sharded and not, every rank's average of the trained parameters
+    has the bits of a single process averaging the same iterates, and sharded equals unsharded everywhere (BatchNorm's
+    per-rank statistics included)."""
+    alone = tmp_path / "one"
+    run([sys.executable, WORKER, str(alone), "--data-parallel"], timeout=180)
+    ref = json.loads((alone / "rank0.json").read_text())
+    jobs = {"hvd": lambda a: horovodrun(2, a), "gloo": lambda a: horovodrun(2, a, gloo=True),
+            "mpi": lambda a: mpirun(3, a)}
+    for name, make in jobs.items():
+        digests = []
+        for sharded in (True, False):
+            out = tmp_path / f"{name}-{sharded}"
+            run(make([WORKER, str(out), "--data-parallel", *(["--sharded"] if sharded else [])]),
+                env={"ITERAVG_COMM": "mpi"} if name == "mpi" else None, timeout=300)
+            res = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+            assert all(r["sharded"] == sharded for r in res) and len(res) == res[0]["size"] > 1
+            assert len({json.dumps(r["digests"], sort_keys=True) for r in res}) == 1, (name, sharded)
+            for t in ref["trained"]:
+                assert res[0]["digests"][t] == ref["digests"][t], (name, sharded, t)
+            digests.append(res[0]["digests"])
+        assert digests[0] == digests[1], name

@@ -109,3 +109,18 @@ def test_torchrun_without_a_working_communicator_fails_at_once(tmp_path):
     text = proc.stdout + proc.stderr
     assert "WORLD_SIZE=2" in text and "'mpi' communicator sees 1" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_ddp_sharded_equals_unsharded_and_the_single_process_average(tmp_path):
+    """DDP on 3 ranks: the sync moves no parameter bytes (identical replicas), so the average equals, bit for bit,
+    each rank's own single-process average of the same iterates -- sharded (1/3 of the state per rank) or not."""
+    shas = {}
+    for sharded in (True, False):
+        out = tmp_path / f"out-{sharded}"
+        torchrun(3, str(out), "--wrap", "ddp", "--reference", *(["--sharded"] if sharded else []))
+        res = ranks(out, 3)
+        assert all(r["sharded"] == sharded for r in res)
+        assert all(r["params_equal_reference"] for r in res)
+        assert len({r["averaged_sha"] for r in res}) == 1 and len({r["final_model_sha"] for r in res}) == 1
+        shas[sharded] = res[0]["averaged_sha"]
+    assert shas[True] == shas[False]

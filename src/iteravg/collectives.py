@@ -17,11 +17,14 @@ name                        what                                                
 ``iteravg.pieces[.count]``  allgather of every rank's piece table                   first bind of a sharded state
 ``iteravg.gather[.size].g`` allgather of every rank's shard of dtype group g        snapshots of a sharded state
 ``iteravg.resume.<g>``      broadcast of a whole dtype group from rank 0           resume of a sharded state
+``iteravg.replicas``        allreduce-max of the training parameters' fingerprint  epoch ends with sharded=True
 ``iteravg.metric``          allgather of the epoch metric                           NTA decision epochs only
 ``iteravg.dirty``           allreduce-max of "folded since the last sync"          before hook-level syncs
 ``iteravg.source``          allreduce-min of "lowest rank holding an average"       ``sync="broadcast"`` syncs
-``iteravg.avg.<g>``         allreduce-sum (every dtype, with or without the C       every state sync
+``iteravg.agree.tensors``   allreduce-max of every tensor's fingerprint           every state sync
+``iteravg.avg.<g>[.<j>]``   allreduce-sum (every dtype, with or without the C       a sync where tensors differ
                             kernel), or broadcast, of dtype group g's flat buffer
+                            (or of its j-th run of differing tensors)
 ``iteravg.fingerprint``     allreduce-max of (fingerprint, ~fingerprint, counter)   after every state sync
 ``iteravg.repair.<g>``      broadcast from the sync's source rank                   only if fingerprints differ
 ``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads
@@ -44,7 +47,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Callable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -215,33 +218,58 @@ def _first_difference(a: Sequence[Sequence[Any]], b: Sequence[Sequence[Any]]) ->
 def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: str = "mean") -> int:
     """Make the averaged model identical on every rank; returns the agreed ``average_counter``.
 
-    ``mode="mean"``: allreduce-sum of each dtype buffer, divided by the number of ranks holding an average, so
-    every rank's iterates (and BatchNorm statistics) count; the update is linear, so the result is the average of
-    the rank-mean iterates. ``mode="broadcast"``: the average of the lowest rank that holds one wins (rank 0's,
-    unless rank 0 never folded an iterate; a rank with nothing never overwrites the others with zeros).
+    First, which tensors already agree: one small allreduce-max of every replicated tensor's 128-bit fingerprint
+    (``iteravg.agree.tensors``). Tensors that hold the same bits on every rank are left alone -- in data-parallel
+    training that is every parameter, so the sync moves no parameter bytes and the average is exactly the
+    single-process average of the same iterates (a mean of N equal floats is not always the float itself: with 3 ranks
+    about a third of the elements would move by an ulp). Only the tensors that differ (independent replicas, per-rank
+    BatchNorm statistics) are reduced, in contiguous runs:
+
+    ``mode="mean"``: allreduce-sum divided by the number of ranks holding an average, so every rank's iterates count;
+    the update is linear, so the result is the average of the rank-mean iterates. ``mode="broadcast"``: the average
+    of the lowest rank that holds one wins (rank 0's, unless rank 0 never folded an iterate; a rank with nothing never
+    overwrites the others with zeros). When every tensor of a dtype group differs, the whole group moves in one
+    collective (with the trailing contributor slot); so does everything when some rank holds no average.
 
     Then one small allreduce-max of the buffers' fingerprints checks bitwise identity; if ranks differ (an allreduce
     is allowed to round differently per rank), the source rank's buffers are broadcast and checked again, and
     ``ReplicaDivergenceError`` is raised on every rank if they still differ. The counter is the maximum
     over ranks (ranks differ only if one refused a non-finite iterate).
 
-    The collectives issued and their ops depend on nothing per host (not on whether the C kernel compiled, nor on
-    the data): the same names, ops and sizes on every rank.
+    Which collectives are issued depends only on the agreed fingerprints (the same on every rank after the
+    allreduce), never on a rank's own data or on whether the C kernel compiled: the same names, ops and sizes on
+    every rank.
     """
     if comm.size == 1:
         return counter
     if mode not in ("mean", "broadcast"):
         raise ValueError(f"sync must be 'mean' or 'broadcast', got {mode!r}")
+    ranges = replicated_ranges(state)
+    differ, someone_empty, counter_max = _differing_tensors(comm, state, ranges, counter)
+    if not someone_empty and not any(differ):
+        return counter_max
+    source = _lowest_rank_with_data(comm, counter > 0) if mode == "broadcast" else 0
     sums: List[Optional[tuple]] = []
-    source = 0
-    if mode == "broadcast":
-        source = _lowest_rank_with_data(comm, counter > 0)
+    pos = 0
     for g in range(len(state.layout.groups)):
-        if mode == "mean":
-            sums.append(_allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0))
-        else:
-            comm.broadcast_(state.sync_view(g), root=source, name=f"iteravg.avg.{g}", native=state.native(g))
-            sums.append(None)
+        mine = ranges[g]
+        group_differs = differ[pos:pos + len(mine)]
+        pos += len(mine)
+        if someone_empty or (mine and all(group_differs)):  # the whole group, with the contributor slot
+            if mode == "mean":
+                sums.append(_allreduce_mean_of_contributors(comm, state, g, has_data=counter > 0))
+            else:
+                comm.broadcast_(state.sync_view(g), root=source, name=f"iteravg.avg.{g}", native=state.native(g))
+                sums.append(None)
+            continue
+        sums.append(None)
+        for j, (a, b) in enumerate(_runs(mine, group_differs)):  # every rank holds an average here
+            view, native = _slice(state, g, a, b)
+            if mode == "mean":
+                comm.allreduce_(view, op="sum", name=f"iteravg.avg.{g}.{j}", native=native)
+                state.scale_range(g, a, b, 1.0 / comm.size)
+            else:
+                comm.broadcast_(view, root=source, name=f"iteravg.avg.{g}.{j}", native=native)
     if _maybe_inject_divergence(comm, state):
         sums = [None] * len(sums)
     same, counter_max = _identical(comm, state, counter, sums)
@@ -256,6 +284,53 @@ def sync_average(comm: Communicator, state: AveragedState, counter: int, mode: s
                 "this points at memory corruption or a non-deterministic reduction -- please report it"
             )
     return counter_max
+
+
+def replicated_ranges(state: Any) -> List[List[Tuple[int, int]]]:
+    """Per dtype group, the ``(start, stop)`` of each replicated tensor within ``state.current(g)``, in order."""
+    part = state.partition
+    out: List[List[Tuple[int, int]]] = [[] for _ in state.layout.groups]
+    for k, piece in enumerate(part.pieces):
+        if piece[3]:
+            continue
+        g, start, stop = part.local_range(k)
+        first = part.replicated_start(g)
+        out[g].append((start - first, stop - first))
+    return out
+
+
+def _differing_tensors(comm: Communicator, state: Any, ranges: List[List[Tuple[int, int]]],
+                       counter: int) -> Tuple[List[bool], bool, int]:
+    """(per replicated tensor: do ranks hold different bits?, does some rank hold no average?, max counter):
+    one allreduce-max of every tensor's (fingerprint, ~fingerprint), the "no average" flag and the counter."""
+    fps = [state.tensor_fingerprints(g, ranges[g]) for g in range(len(ranges))]
+    flat = np.concatenate([f.reshape(-1) for f in fps] + [np.zeros(0, dtype=np.uint64)]).view(np.int64)
+    row = np.concatenate([flat, np.invert(flat), np.array([0 if counter > 0 else 1, counter], dtype=np.int64)])
+    comm.allreduce_(row, op="max", name="iteravg.agree.tensors")
+    n = flat.size
+    same = row[:n] == np.invert(row[n:2 * n])  # max(fp) == ~max(~fp) == min(fp): every rank holds fp
+    differ = [not bool(same[2 * t] and same[2 * t + 1]) for t in range(n // 2)]
+    return differ, bool(row[2 * n]), int(row[2 * n + 1])
+
+
+def _runs(ranges: Sequence[Tuple[int, int]], differ: Sequence[bool]) -> List[Tuple[int, int]]:
+    """Maximal contiguous ``(start, stop)`` runs of the differing tensors."""
+    runs: List[Tuple[int, int]] = []
+    for (a, b), d in zip(ranges, differ):
+        if not d or a == b:
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b)
+        else:
+            runs.append((a, b))
+    return runs
+
+
+def _slice(state: Any, g: int, a: int, b: int) -> Tuple[Optional[np.ndarray], Any]:
+    """Elements ``a:b`` of ``state.current(g)`` as (numpy view or None, native view or None), sharing memory."""
+    view = state.sync_view(g)
+    native = state.native(g)
+    return (None if view is None else view[a:b]), (None if native is None else native[a:b])
 
 
 def _lowest_rank_with_data(comm: Communicator, has_data: bool) -> int:
@@ -295,16 +370,19 @@ def exchange_pieces(comm: Communicator, table: np.ndarray) -> List[np.ndarray]:
     return [rows[r].reshape(width, 4)[: int(counts[r])] for r in range(comm.size)]
 
 
-def gather_average(comm: Communicator, state: Any, tables: Sequence[np.ndarray]) -> List[np.ndarray]:
+def gather_average(comm: Communicator, state: Any, tables: Sequence[np.ndarray],
+                   parts: Optional[Callable[[int], Tuple[np.ndarray, np.ndarray]]] = None) -> List[np.ndarray]:
     """The whole averaged model as layout-order host buffers, one per dtype group, on every rank: one allgather per
     group of every rank's sharded part (padded to the longest), placed by the piece tables; the replicated part is
-    this rank's own (identical everywhere after a sync). Peak extra memory: one copy of the model."""
+    this rank's own (identical everywhere after a sync). ``parts(g)`` -> (sharded part, replicated part) gathers
+    other buffers laid out like the state (the swap cache's training weights). Peak extra memory: one copy of the
+    model."""
     from .core.partition import assemble_group  # noqa: WPS433
 
     part = state.partition
     out = []
     for g, (dt, n) in enumerate(zip(state.layout.groups, state.layout.group_sizes)):
-        own = state.shard_host(g)
+        own, replicated = parts(g) if parts is not None else (state.shard_host(g), state.replicated_host(g))
         if comm.size == 1:
             shards = [own]
         else:
@@ -314,9 +392,25 @@ def gather_average(comm: Communicator, state: Any, tables: Sequence[np.ndarray])
             rows = comm.allgather(row, name=f"iteravg.gather.{g}")
             shards = [rows[r][: int(sizes[r])] for r in range(comm.size)]
         full = np.empty(n, dtype=np.dtype(dt))
-        assemble_group(part, g, state.replicated_host(g), tables, shards, full)
+        assemble_group(part, g, replicated, tables, shards, full)
         out.append(full)
     return out
+
+
+def check_identical_replicas(comm: Communicator, fp: np.ndarray, epoch: int) -> None:
+    """``sharded=True`` keeps one slice of the average per rank, which is only the average of *every* rank's model
+    when all ranks train the same model (data parallelism): one allreduce-max of the training parameters'
+    fingerprint (and its complement) at each epoch end; every rank raises the same error if they differ."""
+    if comm.size == 1:
+        return
+    row = np.concatenate([fp, np.invert(fp)]).astype(np.int64)
+    comm.allreduce_(row, op="max", name="iteravg.replicas")
+    if not np.array_equal(row[:2], np.invert(row[2:4])):
+        raise CollectiveError(
+            f"sharded=True needs data-parallel replicas, but the ranks' training parameters differ at epoch {epoch} "
+            "(independent replicas, local SGD, or a missing gradient allreduce / initial broadcast): each rank's "
+            "slice would average a different model. Use sharded=False, which averages independent replicas "
+            "across ranks.")
 
 
 def broadcast_groups(comm: Communicator, groups: Optional[List[np.ndarray]], layout: Layout,

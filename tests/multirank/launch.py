@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -23,7 +24,8 @@ def job_env(extra: Optional[dict] = None) -> dict:
         PYTHONWARNINGS="ignore",
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
-    for key in ("ITERAVG_COMM", "ITERAVG_FAULT", "HOROVOD_RANK", "OMPI_COMM_WORLD_SIZE"):
+    for key in ("ITERAVG_COMM", "ITERAVG_HOROVOD_BINDING", "ITERAVG_FAULT", "HOROVOD_RANK", "HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "RANK",
+                "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         env.pop(key, None)
     env.update(extra or {})
     return env
@@ -47,3 +49,12 @@ def run(cmd: Sequence[str], timeout: float = 180, env: Optional[dict] = None, ch
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+@functools.lru_cache(maxsize=None)
+def torch_binding_built() -> bool:
+    """Whether Horovod's PyTorch library loads here (Horovod built with PyTorch), asked in a fresh interpreter so
+    that the test process never loads torch. (``import horovod.torch`` alone succeeds without the library.)"""
+    proc = subprocess.run([sys.executable, "-c", "import horovod.torch.mpi_lib_v2"], cwd=REPO, env=job_env(),
+                          capture_output=True, timeout=120)
+    return proc.returncode == 0

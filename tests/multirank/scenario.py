@@ -29,12 +29,14 @@ def make_net(variant: str = "same") -> nn.HybridBlock:
     return net
 
 
-def iterate(net: nn.HybridBlock, rank: int, epoch: int, batch: int) -> List[np.ndarray]:
-    """The parameters rank ``rank`` holds after ``batch`` of ``epoch``: shared drift + a rank-specific offset."""
+def iterate(net: nn.HybridBlock, rank: int, epoch: int, batch: int, data_parallel: bool = False) -> List[np.ndarray]:
+    """The parameters rank ``rank`` holds after ``batch`` of ``epoch``: shared drift + a rank-specific offset
+    (``data_parallel``: the offset only on auxiliary states, as BatchNorm's statistics in data-parallel training)."""
     out = []
     for i, p in enumerate(net.collect_params().values()):
         shared = np.random.default_rng([epoch, batch, i]).standard_normal(p.shape)
-        own = np.random.default_rng([1000 + rank, epoch, batch, i]).standard_normal(p.shape)
+        same = data_parallel and p.grad_req != "null"
+        own = np.random.default_rng([1000 + (0 if same else rank), epoch, batch, i]).standard_normal(p.shape)
         out.append((shared + 0.3 * own).astype(np.float32))
     return out
 

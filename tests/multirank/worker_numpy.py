@@ -2,7 +2,8 @@
 framework. Each rank's iterates differ (rank-dependent), so only a working sync makes the averages agree.
 
 usage: worker_numpy.py OUT_DIR SCHEDULE      (SCHEDULE: nta | ema | every2)
-Writes OUT_DIR/rank-R.json with the averaged bits' hex digest and the modules the process imported.
+Writes OUT_DIR/rank-R.json with the averaged bits' hex digest, the Horovod binding used (if any) and the framework
+modules the process imported.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main() -> None:
         "swapped_equals_average": loaded and all(np.array_equal(swapped[k], averaged[k]) for k in averaged),
         "training_restored": restored, "saved": None if saved is None else str(saved),
         "averaged": {k: v.astype(np.float64).tolist() for k, v in averaged.items()},
-        "frameworks": sorted(m for m in ("mxnet", "torch", "horovod.mxnet") if m in sys.modules),
+        "binding": getattr(avg.comm, "binding", None),  # Horovod's: "torch" or "mxnet"
+        "frameworks": sorted(m for m in ("mxnet", "torch", "horovod.mxnet", "horovod.torch") if m in sys.modules),
     }))
     collectives.finish(avg.comm)
 

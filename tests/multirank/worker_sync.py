@@ -8,6 +8,7 @@ checkpoints into OUT_DIR/ckpt. On error, writes OUT_DIR/rank{r}.error with the m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -37,8 +38,11 @@ def main() -> int:
     ap.add_argument("--sync-every", type=int, default=0, help="sync_every_batches")
     ap.add_argument("--ckpt-per-rank", action="store_true", help="checkpoint_dir OUT/ckpt-r<rank> (only r0 may write)")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch, to make the job slow for kill tests")
+    ap.add_argument("--sharded", action="store_true", help="sharded=True: each rank keeps 1/N of the average")
+    ap.add_argument("--data-parallel", action="store_true",
+                    help="every rank holds the same trained parameters (only BatchNorm's statistics differ)")
     args = ap.parse_args()
-    extra = dict(sync_every_batches=args.sync_every)
+    extra = dict(sync_every_batches=args.sync_every, sharded=args.sharded)
     strategy = (ours.NTA(**nta_kwargs(), **extra) if args.strategy == "nta"
                 else ours.Alpha_Suffix(epochs=EPOCHS, alpha=0.5, **extra))
     comm = strategy.comm
@@ -55,7 +59,7 @@ def main() -> int:
         started = []
         for epoch in range(start, args.stop_after):
             for b in range(BATCHES):
-                values = iterate(net, rank, epoch, b)
+                values = iterate(net, rank, epoch, b, data_parallel=args.data_parallel)
                 if rank == args.nan_param_rank and f"{epoch},{b}" == args.nan_param_at:
                     values[0][0, 0] = np.nan
                 set_iterate(net, values)
@@ -71,16 +75,19 @@ def main() -> int:
             started.append(strategy.averaging_started)
         if args.stop_after == EPOCHS:
             cb.on_train_end(training_network=net, temporary_dir=None)
-        avg = strategy.averaged_model
-        flat = (np.concatenate([v.asnumpy().ravel() for v in avg.values()]) if avg is not None
-                else np.zeros(0, np.float32))
+        avg = strategy.averager.averaged()  # gathered when sharded (collective)
+        flat = (np.concatenate([v.ravel() for v in avg.values()]) if avg is not None else np.zeros(0, np.float32))
+        digests = {} if avg is None else {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+                                          for k, v in avg.items()}
+        trained = [s for s, p in zip(strategy.binding.structural_names, strategy.binding.params) if p.grad_req != "null"]
         np.save(os.path.join(args.out, f"rank{rank}-avg.npy"), flat)
         weights = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
         np.save(os.path.join(args.out, f"rank{rank}-net.npy"), weights)
         with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
             json.dump(dict(rank=rank, size=comm.size, comm=comm.name, started=started,
                            trigger_epoch=strategy.schedule.trigger_epoch, counter=strategy.average_counter,
-                           names=list(net.collect_params().keys())), f)
+                           names=list(net.collect_params().keys()), digests=digests, trained=trained,
+                           sharded=strategy.averager.state.partitioned), f)
         collectives.finish(comm)
         return 0
     except Exception as exc:  # noqa: BLE001 -- reported to the test, then a non-zero exit

@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--independent", action="store_true")
     ap.add_argument("--cuda", action="store_true")
+    ap.add_argument("--sharded", action="store_true", help="sharded=True: each rank keeps 1/N of the average")
     ap.add_argument("--reference", action="store_true",
                     help="also average whole-model copies of every iterate on this rank alone (comm='local'): the "
                          "sharded average must equal it bit for bit")
@@ -101,7 +102,7 @@ def main() -> None:
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.5)
-    avg = Averager(net, schedule(args.schedule, args.epochs))
+    avg = Averager(net, schedule(args.schedule, args.epochs), sharded=True if args.sharded else None)
 
     shadow, reference = None, None
     if args.reference:  # the whole model, gathered after every step: what an unsharded average would see
@@ -114,7 +115,8 @@ def main() -> None:
                 full = t.full_tensor() if hasattr(t, "full_tensor") else t
                 shadow.state_dict()[name].copy_(full.cpu())
 
-    result: dict = {"rank": rank, "world": world, "comm": avg.comm.name, "device": str(avg.device)}
+    result: dict = {"rank": rank, "world": world, "comm": avg.comm.name, "device": str(avg.device),
+                    "sharded": avg.sharded}
     first_epoch = 1
     if args.resume:
         record = avg.load(args.ckpt)
@@ -143,8 +145,8 @@ def main() -> None:
         if reference is not None:
             mirror()
             reference.epoch_end(metric=metric, epoch=epoch)
-        if rank == 0 and args.wrap != "fsdp":  # validation on rank 0 only: no collective inside (the inner
-            model.eval()                       # module, since DDP's forward broadcasts buffers)
+        if rank == 0 and args.wrap != "fsdp" and not args.sharded:  # validation on rank 0 only: no collective (the
+            model.eval()  # inner module, since DDP's forward broadcasts buffers)
             with avg.swapped(sync=False), torch.no_grad():
                 x, y = data(99, world, epoch, 0, device)
                 result.setdefault("val", []).append(float(nn.functional.mse_loss(model(x), y)))

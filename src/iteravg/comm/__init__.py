@@ -5,8 +5,8 @@
 1. ``ITERAVG_COMM=horovod|mpi|torch|local`` if set (an explicit choice; failure to create it is an error);
 2. ``torch`` if this process already initialised ``torch.distributed``'s default process group (it is reused);
 3. Horovod if the process was started by ``horovodrun`` (``HOROVOD_RANK`` / ``HOROVOD_HOSTNAME`` set);
-4. under plain ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` / ``PMIX_RANK`` set): Horovod if it imports,
-   else mpi4py;
+4. under plain ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` / ``PMIX_RANK`` set): Horovod if the binding
+   it would use imports (``horovod.choose_binding``: ``horovod.torch`` unless the job imported MXNet), else mpi4py;
 5. ``torch`` under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; world size > 1);
 6. mpi4py inside a SLURM ``srun`` step of more than one task (``SLURM_STEP_NUM_TASKS``) without MPI's variables;
 7. otherwise the single-process ``LocalComm`` -- no launcher, MPI, Horovod or torch is imported.
@@ -96,8 +96,13 @@ def _torch_group_initialised() -> bool:
 
 
 def _horovod_importable() -> bool:
+    """Whether the Horovod binding the communicator would use imports (``horovod.torch`` in a job that has not
+    imported MXNet, so that checking does not load MXNet; see ``horovod.choose_binding``)."""
+    from .horovod import choose_binding, load_binding
+
+    binding = choose_binding()  # a bad ITERAVG_HOROVOD_BINDING is an error, not a reason to fall back to mpi4py
     try:
-        import horovod.mxnet  # noqa: F401
+        load_binding(binding)
     except Exception:
         return False
     return True

@@ -18,6 +18,8 @@ every rank is and leaves with ``os._exit``: torchrun's agent then stops the othe
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 import sys
 from typing import Any, List, Optional
@@ -25,7 +27,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from .base import CommError, ReduceOp, check_rank
-from .watchdog import Watchdog
+from .watchdog import Watchdog, get_timeout
 
 #: Environment torchrun (torch.distributed.elastic) sets for each worker.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -61,12 +63,19 @@ class TorchDistComm:
             backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
             if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            deadline = get_timeout()  # the rendezvous waits for absent peers no longer than a collective would
             try:
-                dist.init_process_group(backend=backend)
+                if deadline is None:
+                    dist.init_process_group(backend=backend)
+                else:
+                    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=deadline))
             except Exception as exc:  # noqa: BLE001 -- any rendezvous failure is a CommError naming the launcher
                 raise CommError(f"torch.distributed.init_process_group(backend={backend!r}) failed under torchrun: "
                                 f"{exc}") from exc
             self.initialised_here = True
+            # A group left alive at interpreter exit can abort the process in its store's teardown ("terminate
+            # called without an active exception" on rank 0, which hosts the store): the creator tears it down.
+            atexit.register(self.shutdown)
         self.rank = dist.get_rank()
         self.size = dist.get_world_size()
         self.backend = str(dist.get_backend())

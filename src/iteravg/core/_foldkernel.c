@@ -111,3 +111,74 @@ void iteravg_scale_fp_mix_f32(float *x, int64_t n, float scale, uint64_t *out) {
   out[0] = acc[0] + acc[1] + acc[2] + acc[3];
   out[1] = acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
 }
+
+/* In-place fold for states with no back buffer (sharded states keep one buffer: 1/N of the model, not 2/N).
+ * Refusal must be decided before anything is written, over every dtype group of the iterate, so this is two calls:
+ * check=1 only checks the iterate -- refused (returns 1) if any value is NaN, inf, or so large (|x| >= 2^emax) that
+ * x - a could overflow; check=0 only folds in place, a = a + alpha * (x - a) with GluonTS's rounding as above.
+ * Every accepted iterate has |x| < 2^emax, so every average (a convex combination of them) does too, and the fold
+ * cannot overflow: a refused iterate never touches the average.
+ * BIGMASK is the bit pattern of 2^emax (the largest exponent below inf's): |x| >= it iff (bits & ~sign) >= it. */
+#define FOLD_INPLACE(NAME, T, UINT, ABSMASK, BIGMASK)                                               \
+  int64_t NAME(int64_t n_src, T *const *src, const int64_t *sizes, T *a, double alpha, int64_t check) { \
+    if (check) {                                                                                    \
+      UINT big = 0;                                                                                 \
+      for (int64_t i = 0; i < n_src; ++i) {                                                         \
+        const T *restrict x = src[i];                                                               \
+        const int64_t n = sizes[i];                                                                 \
+        for (int64_t j = 0; j < n; ++j) {                                                           \
+          T v = x[j];                                                                               \
+          UINT u; memcpy(&u, &v, sizeof u);                                                         \
+          big |= (UINT)((u & ABSMASK) >= BIGMASK);                                                  \
+        }                                                                                           \
+      }                                                                                             \
+      return (int64_t)(big != 0);                                                                   \
+    }                                                                                               \
+    const T al = (T)alpha;                                                                          \
+    int64_t pos = 0;                                                                                \
+    for (int64_t i = 0; i < n_src; ++i) {                                                           \
+      const T *restrict x = src[i];                                                                 \
+      T *restrict ai = a + pos;                                                                     \
+      const int64_t n = sizes[i];                                                                   \
+      if (alpha == 1.0) {                                                                           \
+        memcpy(ai, x, (size_t)n * sizeof(T));                                                       \
+      } else {                                                                                      \
+        for (int64_t j = 0; j < n; ++j) {                                                           \
+          T t = x[j] - ai[j];                                                                       \
+          T m = al * t;                                                                             \
+          ai[j] = ai[j] + m;                                                                        \
+        }                                                                                           \
+      }                                                                                             \
+      pos += n;                                                                                     \
+    }                                                                                               \
+    return 0;                                                                                       \
+  }
+
+FOLD_INPLACE(iteravg_fold_inplace_f32, float, uint32_t, 0x7fffffffu, 0x7f000000u)
+FOLD_INPLACE(iteravg_fold_inplace_f64, double, uint64_t, 0x7fffffffffffffffull, 0x7fe0000000000000ull)
+
+/* Per-tensor fingerprints of a flat buffer, for the sync's "which tensors already agree across ranks": element i
+ * of the buffer (itemsize bytes, zero-extended to 64 bits) is mixed with its position as in iteravg_fp_mix,
+ * h = mix(e_i, i * G), and a second, independent word h2 = mix(h, ~(i * G)); segment k (elements
+ * bounds[k] .. bounds[k+1]) gets out[2k] = sum of h, out[2k+1] = sum of h2 (wrapping). 128 bits per tensor; a change
+ * of any bit of a segment changes both sums (each mix is a bijection of the element for a fixed position).
+ * The numpy fallback in _kernel.py computes the same bits. */
+FP_CLONES
+void iteravg_segment_fp(const void *data, int64_t itemsize, int64_t nseg, const int64_t *bounds, uint64_t *out) {
+  const unsigned char *p = (const unsigned char *)data;
+  for (int64_t k = 0; k < nseg; ++k) {
+    uint64_t s1 = 0, s2 = 0;
+    for (int64_t i = bounds[k]; i < bounds[k + 1]; ++i) {
+      uint64_t e = 0;
+      if (itemsize == 4) { uint32_t v; memcpy(&v, p + i * 4, 4); e = v; }
+      else if (itemsize == 8) { memcpy(&e, p + i * 8, 8); }
+      else { uint16_t v; memcpy(&v, p + i * 2, 2); e = v; }
+      uint64_t c = (uint64_t)i * FP_G;
+      uint64_t h = fp_mix(e, c);
+      s1 += h;
+      s2 += fp_mix(h, ~c);
+    }
+    out[2 * k] = s1;
+    out[2 * k + 1] = s2;
+  }
+}

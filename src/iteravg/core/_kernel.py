@@ -39,8 +39,17 @@ def _load() -> Optional[Dict[str, ctypes._CFuncPtr]]:
             try:  # a stale build without these symbols falls back to numpy (same bits)
                 fp = lib.iteravg_fp_mix
                 sf = lib.iteravg_scale_fp_mix_f32
+                seg = lib.iteravg_segment_fp
+                inplace = {"float32": lib.iteravg_fold_inplace_f32, "float64": lib.iteravg_fold_inplace_f64}
             except AttributeError:
                 return None
+            for dtype, fn in inplace.items():
+                fn.argtypes = _SIGNATURE[:4] + [ctypes.c_double, ctypes.c_int64]
+                fn.restype = ctypes.c_int64
+                funcs[f"inplace_{dtype}"] = fn
+            seg.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+            seg.restype = None
+            funcs["segment_fp"] = seg
             fp.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_void_p]
             fp.restype = None
             funcs["fingerprint"] = fp
@@ -100,3 +109,33 @@ def pointer_table(arrays: list) -> tuple:
     ptrs = np.array([a.ctypes.data for a in arrays], dtype=np.uintp)
     sizes = np.array([a.size for a in arrays], dtype=np.int64)
     return len(arrays), ptrs, sizes
+
+
+def segment_fingerprints(buf: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Per-segment 128-bit fingerprints of a contiguous 1-D float buffer (``_foldkernel.c``'s
+    ``iteravg_segment_fp``): ``(k, 2)`` uint64 for the ``k`` segments ``bounds[j]:bounds[j+1]``. One C pass with the
+    kernel; chunked numpy with the same bits without it."""
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    nseg = bounds.size - 1
+    out = np.zeros((max(nseg, 0), 2), dtype=np.uint64)
+    if nseg <= 0:
+        return out
+    if KERNELS is not None and buf.flags.c_contiguous:
+        KERNELS["segment_fp"](buf.ctypes.data, buf.dtype.itemsize, nseg, bounds.ctypes.data, out.ctypes.data)
+        return out
+    raw = buf.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[buf.dtype.itemsize])
+    with np.errstate(over="ignore"):
+        for k in range(nseg):
+            for lo in range(int(bounds[k]), int(bounds[k + 1]), _CHUNK):
+                hi = min(lo + _CHUNK, int(bounds[k + 1]))
+                c = np.arange(lo, hi, dtype=np.uint64) * FP_G
+                h = _mix(raw[lo:hi].astype(np.uint64), c)
+                h2 = _mix(h, ~c)
+                out[k, 0] = np.uint64(out[k, 0] + np.add.reduce(h, dtype=np.uint64))
+                out[k, 1] = np.uint64(out[k, 1] + np.add.reduce(h2, dtype=np.uint64))
+    return out
+
+
+def _mix(w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    x = (w ^ c) * FP_M
+    return x ^ (x >> np.uint64(32))

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._kernel import KERNELS, pointer_table, scale_and_word_sums, word_sums
+from ._kernel import KERNELS, pointer_table, scale_and_word_sums, segment_fingerprints, word_sums
 
 __all__ = ["TensorSpec", "Layout", "AveragedState", "FoldPlan", "Allocator", "numpy_allocator", "fingerprint",
            "chain_fingerprint"]
@@ -147,6 +147,8 @@ class FoldPlan:
             if cur is not None:
                 start, parts = cur
                 self.buckets[g].append((start, start + sum(p.size for p in parts), parts))
+        #: The flat views in layout order (a sharded state folds slices of them).
+        self.views: List[np.ndarray] = [v.reshape(-1) for v in views]
         # Whole tensors per group, for the one-call C kernel (see _kernel.py).
         self.sources: List[List[np.ndarray]] = [[] for _ in layout.groups]
         for spec, view in zip(layout.specs, views):
@@ -289,6 +291,28 @@ class AveragedState:
 
     partitioned = False  # every rank holds the whole average (sharding: ``core.partition``)
 
+    @property
+    def partition(self) -> Any:
+        """Every tensor whole and replicated (``core.partition``), for code that handles sharded states too."""
+        part = getattr(self, "_partition", None)
+        if part is None:
+            from .partition import Partition, full_pieces  # noqa: WPS433 -- partition imports this module
+
+            part = self._partition = Partition(self.layout, full_pieces(self.layout))
+        return part
+
+    def tensor_fingerprints(self, g: int, ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """``(len(ranges), 2)`` uint64: the 128-bit fingerprint of each range of ``current(g)`` (adjacent ranges)."""
+        return segment_fingerprints(self.current(g), range_bounds(ranges))
+
+    def scale_range(self, g: int, a: int, b: int, factor: float) -> None:
+        """``current(g)[a:b] *= factor`` with the rounding of ``scale`` (float16 through float32, once)."""
+        data = self.current(g)[a:b]
+        if data.dtype.itemsize < 4:
+            np.multiply(data, np.float32(factor), out=data, dtype=np.float32, casting="unsafe")
+        else:
+            np.multiply(data, data.dtype.type(factor), out=data)
+
     def replicated_part(self, buffer: Tuple[np.ndarray, Any], g: int) -> Tuple[np.ndarray, Any]:
         return buffer
 
@@ -352,6 +376,13 @@ def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Op
 
 
 _MASK64 = (1 << 64) - 1
+
+
+def range_bounds(ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
+    """Adjacent ``(start, stop)`` ranges as segment bounds ``[start_0, stop_0 = start_1, ..., stop_last]``."""
+    if not ranges:
+        return np.zeros(1, dtype=np.int64)
+    return np.array([ranges[0][0]] + [b for _a, b in ranges], dtype=np.int64)
 
 
 def chain_fingerprint(parts: Sequence[Tuple[int, int, int]]) -> np.ndarray:

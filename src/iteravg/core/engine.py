@@ -40,7 +40,9 @@ from ..comm import Communicator, resolve_comm
 from .averaged import Allocator, AveragedState, Layout, fingerprint, numpy_allocator
 from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
                       first_layout_difference, flatten_tensors, unflatten_groups)
+from .partition import Partition, equal_slices
 from .schedules import Schedule
+from .sharded_state import ShardedState
 from .sources import ArraySource, Params, ParamSource
 from .tensorfile import TensorFileError, load_tensors, save_tensors
 
@@ -70,6 +72,12 @@ class Averager:
     sync_every_batches
         Also sync after every k folds (0: only at epoch end, swaps and saves). The intermediate syncs are
         collectives counted per rank: every rank must fold equally often (the watchdog ends a job that breaks it).
+    sharded
+        Data-parallel training (every rank holds the same iterate): each rank folds and stores only an equal slice of
+        the average (1/N of the model), with no communication per step; swaps, ``averaged()``, ``finalize`` and
+        snapshots gather it (collective). Per-rank statistics (a source's non-shardable tensors, e.g. BatchNorm's
+        running means) stay whole and are averaged across ranks at each sync. At every epoch end the ranks check that
+        their training parameters are identical; independent replicas (local SGD) are refused with an error.
     alloc
         Who owns the averaged buffers' memory (the MXNet face passes NDArray-backed buffers, so Horovod reduces
         them in place).
@@ -83,6 +91,7 @@ class Averager:
         metric_reduce: str = "mean",
         sync: str = "mean",
         sync_every_batches: int = 0,
+        sharded: bool = False,
         alloc: Allocator = numpy_allocator,
     ) -> None:
         if not isinstance(schedule, Schedule):
@@ -96,8 +105,11 @@ class Averager:
         if isinstance(sync_every_batches, bool) or not isinstance(sync_every_batches, (int, np.integer)) \
                 or sync_every_batches < 0:
             raise ValueError(f"sync_every_batches must be an integer >= 0, got {sync_every_batches!r}")
+        if not isinstance(sharded, bool):
+            raise ValueError(f"sharded must be True or False, got {sharded!r}")
         self.schedule = schedule
         self.comm: Communicator = resolve_comm(comm)
+        self.sharded = sharded
         self.metric_reduce = metric_reduce
         self.sync_mode = sync
         self.sync_every_batches = int(sync_every_batches)
@@ -108,6 +120,7 @@ class Averager:
         self._has_average = False  # the buffers hold an average (False again after ``reset``)
         self._cache: Optional[List[Tuple[np.ndarray, Any]]] = None
         self._tables: List[np.ndarray] = []  # every rank's pieces, for a sharded state
+        self._shardable: List[bool] = []  # per layout tensor: the same on every data-parallel rank
         self._dirty = False  # a fold was attempted since the last sync
         self._since_sync = 0
         self._epochs_done = 0
@@ -161,9 +174,8 @@ class Averager:
             collectives.check_same_layout(self.comm, src.layout)
             self._layout_checked = True
         if self._state is None:
-            make_state = getattr(src, "make_state", None)  # a source whose tensors live elsewhere (torch, CUDA)
-            self._state = make_state() if make_state is not None else AveragedState(src.layout, alloc=self._alloc)
-            if self._state.partitioned:  # sharded tensors (FSDP2): every rank learns where the others' pieces are
+            self._state = self._make_state(src)
+            if self._state.partitioned:  # sharded: every rank learns where the others' pieces are
                 self._tables = collectives.exchange_pieces(self.comm, self._state.partition.table())
         elif src.layout != self._state.layout:
             raise ValueError(
@@ -172,6 +184,20 @@ class Averager:
             )
         self._source = src
         return src
+
+    def _make_state(self, src: ParamSource) -> Any:
+        """The averaged state for ``src``: where its tensors live (numpy or torch) and, with ``sharded=True`` on
+        several ranks, only this rank's equal slice of the shardable tensors (``core.partition.equal_slices``)."""
+        pieces = None
+        self._shardable = list(getattr(src, "shardable", None) or [True] * len(src.layout.specs))
+        if self.sharded and self.comm.size > 1:
+            pieces = equal_slices(src.layout, self._shardable, self.comm.rank, self.comm.size)
+        make_state = getattr(src, "make_state", None)  # a source whose tensors live elsewhere (torch, CUDA)
+        if make_state is not None:
+            return make_state() if pieces is None else make_state(pieces=pieces)
+        if pieces is not None:
+            return ShardedState(src.layout, Partition(src.layout, pieces, model_sharded=False), alloc=self._alloc)
+        return AveragedState(src.layout, alloc=self._alloc)
 
     def _as_source(self, params: Params) -> ParamSource:
         current = self._source
@@ -239,6 +265,10 @@ class Averager:
         if folded:
             self.fold(params)
         self.sync(all_ranks_folded=folded)
+        if self._gathers:  # sharded=True is only right if every rank folded the same iterates
+            assert self._state is not None and self._source is not None
+            collectives.check_identical_replicas(
+                self.comm, self._state.params_fingerprint(self._source, self._shardable), self._epochs_done)
         return self.schedule.averaging_started
 
     def sync(self, *, all_ranks_folded: bool = False) -> None:
@@ -272,6 +302,10 @@ class Averager:
         since): use it when only some ranks evaluate (``if rank == 0: validate()``). Returns False, changing
         nothing, when there is no average yet.
         """
+        if self._gathers and not sync:
+            raise ValueError("load_averaged(sync=False) cannot work with sharded=True: each rank holds only its "
+                             "slice of the average, and gathering it is collective -- swap on every rank "
+                             "(sync=True), or average unsharded to validate on some ranks only")
         if sync:
             self.sync()
         if not self.has_average:
@@ -281,16 +315,35 @@ class Averager:
         assert state is not None
         if self._cache is None:
             self._cache = state.new_buffers()
-        state.read_params(src, self._cache)
-        state.write_params(src)
+        state.read_params(src, self._cache)  # sharded: this rank's slice of the training weights only
+        if self._gathers:
+            state.write_full(src, collectives.gather_average(self.comm, state, self._tables))
+        else:
+            state.write_params(src)
         return True
 
-    def restore_training(self, params: Params) -> bool:
-        """Put back the training weights saved by the last ``load_averaged`` (no-op, False, if none were saved)."""
+    def restore_training(self, params: Params, *, release: bool = False) -> bool:
+        """Put back the training weights saved by the last ``load_averaged`` (no-op, False, if none were saved).
+        ``release=True`` frees the copy that held them (``swapped`` does). Sharded (``sharded=True``): the ranks'
+        slices of the training weights are gathered back -- collective, like the swap in."""
         if self._cache is None or self._state is None:
             return False
-        self._state.write_params(self.bind(params), self._cache)
+        state, cache = self._state, self._cache
+        if self._gathers:
+            full = collectives.gather_average(self.comm, state, self._tables,
+                                              parts=lambda g: state.buffer_parts(cache, g))
+            state.write_full(self.bind(params), full)
+        else:
+            state.write_params(self.bind(params), cache)
+        if release:
+            self._cache = None
         return True
+
+    @property
+    def _gathers(self) -> bool:
+        """Whether swaps gather the average: the state is sharded but the model is not (``sharded=True``)."""
+        state = self._state
+        return state is not None and state.partitioned and not state.partition.model_sharded
 
     def cached(self) -> Optional[List[Tuple[np.ndarray, Any]]]:
         """The swap cache: per dtype group, (flat training weights, framework handle), or ``None``."""
@@ -308,7 +361,7 @@ class Averager:
             yield loaded
         finally:
             if loaded:
-                self.restore_training(params)
+                self.restore_training(params, release=True)
 
     def finalize(self, params: Params) -> bool:
         """Train end on every rank: load the synced average into ``params``; without one, make every rank hold
@@ -329,7 +382,11 @@ class Averager:
                     "rank 0's last iterate, on every rank" if self.comm.size > 1 else "the last iterate")
             else:
                 logger.info("iteravg: averaging never started; the model is the last iterate")
-            if self.comm.size > 1:
+            if self.comm.size > 1 and self._gathers:  # a replicated model: rank 0's whole weights everywhere
+                full = state.read_full(src, state.layout)
+                collectives.broadcast_arrays(self.comm, full, name="iteravg.final_weights")
+                state.write_full(src, full)
+            elif self.comm.size > 1:
                 bufs = state.new_buffers()
                 state.read_params(src, bufs)
                 shared = [state.replicated_part(b, g) for g, b in enumerate(bufs)]  # never another rank's shard
@@ -385,6 +442,9 @@ class Averager:
         ``averaged`` is the host average when the caller already has it (a sharded state's gathered whole)."""
         files: Dict[str, Callable[[Path], None]] = {}
         record = self.state_dict()
+        if averaged is None and self.has_average and self._state.partitioned:
+            raise RuntimeError("snapshot_contents() of a sharded average needs the gathered average: gather it on "
+                               "every rank first (averaged(), collective) and pass it in")
         averaged = self.averaged() if averaged is None else averaged
         if averaged is not None:
             carried = self._carried()
@@ -403,13 +463,17 @@ class Averager:
 
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
              extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
-             extra_state: Optional[Dict[str, Any]] = None, keep: int = 2) -> Optional[Path]:
+             extra_state: Optional[Dict[str, Any]] = None, keep: int = 2,
+             averaged: Optional[Dict[str, np.ndarray]] = None) -> Optional[Path]:
         """Sync, then rank 0 writes an atomic, immutable snapshot (collective: call on every rank). A failed write
-        raises the same error on every rank at once. Returns the snapshot path on rank 0, None elsewhere."""
+        raises the same error on every rank at once. Returns the snapshot path on rank 0, None elsewhere.
+        ``averaged``: the synced, gathered average if the caller already gathered it (a sharded state)."""
         epoch = self._epochs_done if epoch is None else int(epoch)
         with collectives.phase(f"save ({stage})"):
             self.sync()
-            gathered = self.averaged() if self._state is not None and self._state.partitioned else None
+            gathered = averaged
+            if gathered is None and self._state is not None and self._state.partitioned:
+                gathered = self.averaged()
 
             def write() -> Path:
                 files, record = self.snapshot_contents(gathered)

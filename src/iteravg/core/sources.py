@@ -38,10 +38,12 @@ class ArraySource:
     """``name -> numpy array`` parameters (any framework's views: ``tensor.numpy()``, ``np.asarray(...)``).
 
     Arrays must be C-contiguous, writable and floating-point, and stay the same objects while averaging runs
-    (a new mapping of new arrays is checked against the layout and re-planned).
+    (a new mapping of new arrays is checked against the layout and re-planned). ``per_rank`` names tensors that
+    differ per rank even in data-parallel training (BatchNorm running statistics): with ``sharded=True`` their
+    average stays whole on every rank and is averaged across ranks at each sync.
     """
 
-    def __init__(self, params: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, params: Mapping[str, np.ndarray], *, per_rank: Sequence[str] = ()) -> None:
         if not isinstance(params, Mapping) or not params:
             raise ValueError(f"params must be a non-empty mapping of name -> numpy array, got {type(params).__name__}")
         specs, arrays = [], []
@@ -55,6 +57,11 @@ class ArraySource:
             specs.append(TensorSpec(str(name), tuple(arr.shape), arr.dtype.name))
             arrays.append(arr)
         self.layout = Layout(tuple(specs))
+        unknown = sorted(set(per_rank) - set(self.layout.names))
+        if unknown:
+            raise ValueError(f"per_rank names tensors that params does not hold: {unknown}")
+        #: Per tensor: may ``sharded=True`` split its state across ranks (``per_rank`` statistics stay whole).
+        self.shardable = tuple(name not in set(per_rank) for name in self.layout.names)
         self._params = dict(params)
         self._plan = FoldPlan(self.layout, arrays)
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .averaged import FoldResult, Layout, chain_fingerprint
+from .averaged import FoldResult, Layout, chain_fingerprint, range_bounds
 from .partition import Partition, Piece, full_pieces
 
 __all__ = ["TorchAveragedState", "torch_word_sums", "torch_fingerprint", "TORCH_DTYPES"]
@@ -75,6 +75,8 @@ def _xor_reduce(h: torch.Tensor) -> int:
 def _buffer_sums(flat: torch.Tensor) -> Tuple[int, int, int]:
     """(sum, xor, byte size) of one contiguous 1-D float buffer, the numpy fingerprint's per-buffer part."""
     nbytes = flat.numel() * flat.element_size()
+    if (flat.storage_offset() * flat.element_size()) % 8:  # not on a word boundary: read a copy
+        flat = flat.clone()
     per_word = 8 // flat.element_size()
     n8 = flat.numel() // per_word * per_word
     s, x = torch_word_sums(flat[:n8].view(torch.int64)) if n8 else (0, 0)
@@ -86,6 +88,36 @@ def _buffer_sums(flat: torch.Tensor) -> Tuple[int, int, int]:
     return s, x, nbytes
 
 
+def torch_segment_fingerprints(flat: torch.Tensor, bounds: np.ndarray) -> np.ndarray:
+    """``core._kernel.segment_fingerprints`` on the device, with the same bits: per segment ``bounds[j]:bounds[j+1]``
+    of a 1-D float tensor, the sums of ``h = mix(e_i, i*G)`` and ``h2 = mix(h, ~(i*G))`` over its elements (element
+    bits zero-extended to 64)."""
+    nseg = len(bounds) - 1
+    out = torch.zeros(max(nseg, 0), 2, dtype=torch.int64, device=flat.device)
+    if nseg <= 0 or bounds[-1] == bounds[0]:
+        return out.cpu().numpy().view(np.uint64)
+    bits = {2: (torch.int16, 0xFFFF), 4: (torch.int32, 0xFFFFFFFF), 8: (torch.int64, None)}[flat.element_size()]
+    edges = torch.as_tensor(np.asarray(bounds[1:], dtype=np.int64), device=flat.device)
+    lo0, hi0 = int(bounds[0]), int(bounds[-1])
+    for lo in range(lo0, hi0, _CHUNK_WORDS):
+        hi = min(lo + _CHUNK_WORDS, hi0)
+        e = flat[lo:hi].view(bits[0]).to(torch.int64)
+        if bits[1] is not None:
+            e.bitwise_and_(bits[1])
+        c = torch.arange(lo, hi, dtype=torch.int64, device=flat.device).mul_(_G)
+        h = _mix(e, c)
+        h2 = _mix(h, c.bitwise_not_())
+        seg = torch.searchsorted(edges, torch.arange(lo, hi, dtype=torch.int64, device=flat.device), right=True)
+        out[:, 0].index_add_(0, seg, h)
+        out[:, 1].index_add_(0, seg, h2)
+    return out.cpu().numpy().view(np.uint64)
+
+
+def _mix(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    x = (w ^ c).mul_(_M)
+    return x.bitwise_xor_(x.bitwise_right_shift(32).bitwise_and_(0xFFFFFFFF))
+
+
 def torch_fingerprint(buffers: Sequence[torch.Tensor]) -> np.ndarray:
     """``averaged.fingerprint`` of 1-D contiguous tensors, computed where they live, with the same bits."""
     return chain_fingerprint([_buffer_sums(b) for b in buffers])
@@ -95,20 +127,23 @@ class TorchAveragedState:
     """Running average of a torch model's iterates: one flat tensor per dtype group on the parameters' device.
 
     ``pieces`` (from the torch source) say which part of each layout tensor this rank holds: the whole tensor
-    (replicated: DDP, plain modules, FSDP2's buffers), or -- ``sharded`` -- the rows of its FSDP2 shard
-    (``core.partition``). Per group the buffer is ``[replicated pieces | contributor slot | sharded pieces]``: the first
-    part is what ``collectives.sync_average`` reduces and fingerprints (with the trailing slot that counts contributing
-    ranks, see ``mark_contribution``), the last part belongs to this rank alone and never moves until it is gathered
-    for a snapshot. ``source.tensors()`` lists the local tensors in ``pieces`` order.
+    (replicated: DDP, plain modules, FSDP2's buffers), or -- ``sharded`` -- this rank's slice of it: the rows of its
+    FSDP2 shard, or an equal slice of a replicated model's state (``sharded=True``; ``core.partition``). Per group the
+    buffer is ``[sharded pieces | replicated pieces | contributor slot]``: the shards belong to this rank alone and never
+    move until they are gathered; the replicated part is what ``collectives.sync_average`` reduces and fingerprints,
+    with the trailing slot that counts contributing ranks (``mark_contribution``). ``source.tensors()`` lists the
+    local tensors (or slices) in ``pieces`` order.
     """
 
     def __init__(self, layout: Layout, device: torch.device, *, pieces: Optional[Sequence[Piece]] = None,
-                 shapes: Optional[Sequence[Tuple[int, ...]]] = None, check_finite: bool = True) -> None:
+                 partition: Optional[Partition] = None, shapes: Optional[Sequence[Tuple[int, ...]]] = None,
+                 check_finite: bool = True) -> None:
         self.layout = layout
         self.device = torch.device(device)
         self.check_finite = bool(check_finite)
         self.refused_nonfinite = 0
-        self.partition = Partition(layout, pieces if pieces is not None else full_pieces(layout))
+        self.partition = partition if partition is not None else \
+            Partition(layout, pieces if pieces is not None else full_pieces(layout))
         part = self.partition
         shapes = list(shapes) if shapes is not None else [layout.specs[p[0]].shape for p in part.pieces]
         self._buffers = [torch.zeros(part.buffer_size(g), dtype=TORCH_DTYPES[dt], device=self.device)
@@ -135,11 +170,12 @@ class TorchAveragedState:
 
     def current(self, g: int) -> torch.Tensor:
         """The replicated part of group ``g`` (all of it without sharding): what syncs and fingerprints cover."""
-        return self._buffers[g][: self.partition.replicated_size(g)]
+        first = self.partition.replicated_start(g)
+        return self._buffers[g][first:first + self.partition.replicated_size(g)]
 
     def shard(self, g: int) -> torch.Tensor:
         """This rank's sharded part of group ``g`` (empty without sharding)."""
-        return self._buffers[g][self.partition.replicated_size(g) + 1:]
+        return self._buffers[g][: self.partition.shard_size(g)]
 
     def sync_view(self, g: int) -> Optional[np.ndarray]:
         """The replicated part with its trailing slot as a numpy view on CPU -- what numpy communicators (mpi4py,
@@ -148,10 +184,10 @@ class TorchAveragedState:
             return None
         if self._numpy is None:
             self._numpy = [b.numpy() for b in self._buffers]
-        return self._numpy[g][: self.partition.replicated_size(g) + 1]
+        return self._numpy[g][self.partition.replicated_start(g):]
 
     def native(self, g: int) -> torch.Tensor:
-        return self._buffers[g][: self.partition.replicated_size(g) + 1]
+        return self._buffers[g][self.partition.replicated_start(g):]
 
     def named_tensors(self) -> Dict[str, torch.Tensor]:
         """name -> averaged tensor on the device (a view), for replicated states (whole tensors)."""
@@ -223,8 +259,35 @@ class TorchAveragedState:
     def replicated_part(self, buffer: Tuple[Optional[np.ndarray], torch.Tensor], g: int) -> Tuple[Any, torch.Tensor]:
         """The replicated part of a ``new_buffers`` buffer: what is the same model on every rank (a broadcast of
         rank 0's weights must not overwrite other ranks' shards)."""
-        n = self.partition.replicated_size(g)
-        return (None if buffer[0] is None else buffer[0][:n]), buffer[1][:n]
+        a = self.partition.replicated_start(g)
+        b = a + self.partition.replicated_size(g)
+        return (None if buffer[0] is None else buffer[0][a:b]), buffer[1][a:b]
+
+    def write_full(self, source: Any, groups: Sequence[np.ndarray]) -> None:
+        """Whole, layout-order host arrays (a gathered average or training weights) into the replicated model."""
+        whole = source.whole_tensors()
+        with torch.no_grad():
+            for spec, t in zip(self.layout.specs, whole):
+                g, start = self.layout.offsets[spec.name]
+                t.copy_(torch.from_numpy(np.ascontiguousarray(groups[g][start:start + spec.size])).view(t.shape))
+
+    def read_full(self, source: Any, layout: Layout) -> List[np.ndarray]:
+        out = [np.empty(n, dtype=np.dtype(dt)) for dt, n in zip(layout.groups, layout.group_sizes)]
+        for spec, t in zip(layout.specs, source.whole_tensors()):
+            g, start = layout.offsets[spec.name]
+            out[g][start:start + spec.size] = t.detach().reshape(-1).cpu().numpy()
+        return out
+
+    def buffer_parts(self, buffers: Sequence[Tuple[Any, torch.Tensor]], g: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(sharded part, replicated part) of a ``new_buffers`` buffer on the host, for gathering it."""
+        t = buffers[g][1]
+        first = self.partition.replicated_start(g)
+        return (t[: self.partition.shard_size(g)].detach().cpu().numpy(),
+                t[first:first + self.partition.replicated_size(g)].detach().cpu().numpy())
+
+    def params_fingerprint(self, source: Any, shardable: Sequence[bool]) -> np.ndarray:
+        """Fingerprint of the model's shardable tensors, whole (are the data-parallel replicas identical?)."""
+        return torch_fingerprint([t.detach().reshape(-1) for t, s in zip(source.whole_tensors(), shardable) if s])
 
     def shard_host(self, g: int) -> np.ndarray:
         """This rank's sharded part of group ``g`` on the host (what a gather sends)."""
@@ -262,6 +325,13 @@ class TorchAveragedState:
         """``avg *= factor`` (half precision is computed in float32 and rounded once, as the numpy state does)."""
         self.current(g).mul_(factor)
         return None
+
+    def tensor_fingerprints(self, g: int, ranges: Sequence[Tuple[int, int]]) -> np.ndarray:
+        """``(len(ranges), 2)`` uint64 fingerprints of adjacent ranges of ``current(g)``, computed on the device."""
+        return torch_segment_fingerprints(self.current(g), range_bounds(ranges))
+
+    def scale_range(self, g: int, a: int, b: int, factor: float) -> None:
+        self.current(g)[a:b].mul_(factor)
 
     def flip_lowest_bit(self) -> None:
         """Testing only (``ITERAVG_FAULT=diverge-after-allreduce``)."""

@@ -173,6 +173,11 @@ class Trainer(_GluonTSTrainer):
         ctx = self.ctx if isinstance(self.ctx, mx.Context) else mx.Context(self.ctx)
         if ctx.device_type != "cpu":
             raise ValueError(f"iteravg.gluonts.Trainer: ctx={ctx} is not supported on several ranks; pass ctx='cpu'")
+        for cb in getattr(self.callbacks, "callbacks", self.callbacks):  # data-parallel by construction: 1/N of
+            # the average per rank, unless the strategy says otherwise
+            strategy = getattr(cb, "avg_strategy", None)
+            if hasattr(strategy, "default_sharded"):
+                strategy.default_sharded(True)
         run = _run.DistributedRun(comm, net, self)
         _run.seed_ranks(comm)
         user_callbacks = self.callbacks

@@ -80,6 +80,9 @@ class ModelBinding:
             tuple(TensorSpec(s, tuple(a.shape), np.dtype(a.dtype).name)
                   for s, a in zip(self.structural_names, self.arrays))
         )
+        #: Per tensor: trained parameters are the same on every data-parallel rank (their averaged state may be
+        #: sharded); auxiliary states (BatchNorm's running statistics, grad_req "null") may differ per rank.
+        self.shardable = tuple(p.grad_req != "null" for p in self.params)
         #: Any name (``collect_params()`` key or structural) -> structural name; used by checkpoint files.
         self.structural: Dict[str, str] = dict(zip(self.param_names, self.structural_names))
         self.structural.update({s: s for s in self.structural_names})

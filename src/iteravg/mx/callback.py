@@ -119,17 +119,25 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         self._epochs_done = int(state.get("epochs_done", 0))
         self.avg_strategy.load_state_dict(state["averager"])
 
-    def snapshot_contents(self) -> Tuple[Dict[str, Writer], Dict[str, Any]]:
+    def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None
+                          ) -> Tuple[Dict[str, Writer], Dict[str, Any]]:
         """(files, JSON state) for a snapshot written by whoever owns the files (rank 0, after a sync).
 
         Files: ``averaged.safetensors`` (layout names) and ``averaged.params`` (``net.load_parameters``).
+        ``averaged``: the average as ``gathered_average()`` returned it on every rank (needed when it is sharded).
         """
-        files, record = self.avg_strategy.averager.snapshot_contents()
+        files, record = self.avg_strategy.averager.snapshot_contents(averaged)
         record["averager"]["epochs_done"] = self._epochs_done
-        averaged = self.avg_strategy.averager.averaged()
+        averaged = self.avg_strategy.averager.averaged() if averaged is None else averaged
         if averaged is not None:
             files[PARAMS_FILE] = params_writer(averaged)
         return files, record
+
+    def gathered_average(self) -> Optional[Dict[str, np.ndarray]]:
+        """On every rank (collective when sharded): the synced average to hand to ``snapshot_contents`` on rank 0,
+        or None when it is already whole on each rank (a zero-copy read then happens inside)."""
+        averager = self.avg_strategy.averager
+        return averager.averaged() if averager.state is not None and averager.state.partitioned else None
 
     def restore(self, checkpoint_dir: os.PathLike, training_network: gluon.Block) -> Dict[str, Any]:
         """Load the averaging state of a snapshot on every rank (collective). Returns its state record."""
@@ -226,9 +234,10 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         assert self.checkpoint_dir is not None
         strategy = self.avg_strategy
         strategy.sync_average()
+        averaged = self.gathered_average()
 
         def write() -> Path:
-            files, record = self.snapshot_contents()
+            files, record = self.snapshot_contents(averaged)
             record.update(epoch=self._epochs_done, stage=stage, world_size=strategy.comm.size, comm=strategy.comm.name)
             return checkpoint.write_snapshot(self.checkpoint_dir, f"epoch-{self._epochs_done:06d}", record, files,
                                              keep=self.keep_checkpoints)

@@ -57,11 +57,13 @@ def save_checkpoint(
     """Sync and write a snapshot of ``strategy`` (collective: call on every rank; rank 0 writes, a failure is
     raised on every rank). Returns the snapshot path on rank 0."""
     files = dict(extra_files or {})
-    averaged = strategy.averager.averaged()
+    strategy.sync_average()  # first: a gathered (sharded) average must be the synced one
+    averaged = strategy.averager.averaged()  # collective when sharded: every rank calls save_checkpoint
     if averaged is not None:
         files[PARAMS_FILE] = params_writer(averaged)
+    partitioned = strategy.averager.state is not None and strategy.averager.state.partitioned
     return strategy.averager.save(checkpoint_dir, epoch=epoch, stage=stage, extra_files=files,
-                                  extra_state=extra_state, keep=keep)
+                                  extra_state=extra_state, keep=keep, averaged=averaged if partitioned else None)
 
 
 def load_checkpoint(strategy: IterationAveragingStrategy, net: gluon.Block, checkpoint_dir: os.PathLike) -> Dict[str, Any]:

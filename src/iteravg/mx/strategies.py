@@ -14,6 +14,8 @@ What is added, all keyword-only and defaulting to GluonTS's behaviour on one pro
 * ``sync``: how averaged models are made identical across ranks: ``"mean"`` (allreduce-mean, default) or
   ``"broadcast"`` (rank 0's wins).
 * ``sync_every_batches``: also sync every k folded iterates (0 = only at epoch end and before use).
+* ``sharded``: data-parallel training only -- each rank folds and keeps 1/N of the average, gathered for swaps and
+  snapshots (``iteravg.Averager``'s ``sharded``); ``iteravg.gluonts.Trainer`` turns it on unless it is given.
 
 The numbers are GluonTS's: the same trigger decisions and ``a += alpha * (x - a)`` in the parameters' dtype.
 """
@@ -57,13 +59,18 @@ class IterationAveragingStrategy:
         metric_reduce: str = "mean",
         sync: str = "mean",
         sync_every_batches: int = 0,
+        sharded: Optional[bool] = None,
     ) -> None:
-        self._setup(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches)
+        self._setup(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches, sharded)
 
-    def _setup(self, schedule: Schedule, comm: Any, metric_reduce: str, sync: str, sync_every_batches: int) -> None:
+    def _setup(self, schedule: Schedule, comm: Any, metric_reduce: str, sync: str, sync_every_batches: int,
+               sharded: Optional[bool]) -> None:
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ValueError(f"sharded must be None, True or False, got {sharded!r}")
         self._comm_arg = comm if comm is None or isinstance(comm, str) else None  # what serialises
+        self._sharded_arg = sharded  # None: the default, which iteravg.gluonts.Trainer turns on
         self.averager = Averager(schedule, comm, metric_reduce=metric_reduce, sync=sync,
-                                 sync_every_batches=sync_every_batches, alloc=flat_allocator)
+                                 sync_every_batches=sync_every_batches, sharded=bool(sharded), alloc=flat_allocator)
         self._binding: Optional[ModelBinding] = None
         self._named: Dict[tuple, Dict[str, mx.nd.NDArray]] = {}  # NDArray views per buffer set, built once
         self._averaged_view = _LiveArrays(self._averaged_arrays)
@@ -89,6 +96,8 @@ class IterationAveragingStrategy:
         kwargs: Dict[str, Any] = {arg: getattr(self.schedule, attr) for arg, attr in self._ARGS.items()}
         kwargs.update(comm=self._comm_arg, metric_reduce=self.metric_reduce, sync=self.sync,
                       sync_every_batches=self.sync_every_batches)
+        if self._sharded_arg is not None:
+            kwargs["sharded"] = self._sharded_arg
         return (), kwargs
 
     # -- GluonTS's attributes (assignable where GluonTS's are) -----------------------------------
@@ -251,9 +260,18 @@ class IterationAveragingStrategy:
             self._named[key] = named
         return named
 
+    def default_sharded(self, sharded: bool) -> None:
+        """Set ``sharded`` unless the user chose it (``iteravg.gluonts.Trainer`` shards by default); only before the
+        strategy first saw the model."""
+        if self._sharded_arg is None and self.averager.state is None:
+            self.averager.sharded = bool(sharded)
+
     def _averaged_arrays(self) -> Dict[str, mx.nd.NDArray]:
         state = self.averager.state
         assert state is not None
+        if state.partitioned:
+            raise ValueError("averaged_model is split across ranks with sharded=True (each holds a slice): use "
+                             "averaged_weights(net) / load_averaged_model(net) on every rank, or sharded=False")
         return self._named_views([state.native(g) for g in range(len(state.layout.groups))])
 
     def _cached_arrays(self) -> Dict[str, mx.nd.NDArray]:
@@ -307,10 +325,11 @@ class NTA(IterationAveragingStrategy):
         metric_reduce: str = "mean",
         sync: str = "mean",
         sync_every_batches: int = 0,
+        sharded: Optional[bool] = None,
     ) -> None:
         schedule = NTASchedule(epochs, n=n, maximize=maximize, last_n_trigger=last_n_trigger, eta=eta,
                                fallback_alpha=fallback_alpha)
-        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches)
+        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches, sharded)
 
     _ARGS = {"epochs": "epochs", "n": "n", "maximize": "maximize", "last_n_trigger": "last_n_trigger", "eta": "eta",
              "fallback_alpha": "fallback_alpha"}
@@ -334,8 +353,10 @@ class Alpha_Suffix(IterationAveragingStrategy):  # noqa: N801 -- GluonTS's name
         metric_reduce: str = "mean",
         sync: str = "mean",
         sync_every_batches: int = 0,
+        sharded: Optional[bool] = None,
     ) -> None:
-        self._setup(AlphaSuffixSchedule(epochs, alpha=alpha, eta=eta), comm, metric_reduce, sync, sync_every_batches)
+        self._setup(AlphaSuffixSchedule(epochs, alpha=alpha, eta=eta), comm, metric_reduce, sync, sync_every_batches,
+                    sharded)
 
     _ARGS = {"epochs": "epochs", "alpha": "alpha", "eta": "eta"}
     alpha_suffix = property(lambda self: self.schedule.alpha_suffix)

@@ -40,7 +40,6 @@ from torch import nn
 
 from ..comm import Communicator
 from ..core.engine import Averager as _Engine
-from ..core.records import unflatten_groups
 from ..core.schedules import Schedule
 from .source import TorchSource, unwrap
 
@@ -60,6 +59,11 @@ class Averager:
     comm
         ``None`` (torch.distributed's default group when initialised or under torchrun; horovodrun / mpirun
         otherwise; else one process), ``"torch"``, ``"horovod"``, ``"mpi"``, ``"local"`` or a communicator.
+    sharded
+        Data-parallel (DDP) models: ``True`` keeps only this rank's equal slice of the average (1/N of the model per
+        rank, 1/N of the fold's work), gathered for swaps and snapshots (collective); the ranks' parameters must be
+        identical (checked at every epoch end). FSDP2 models are always averaged on their own shards. Default: not
+        sharded (FSDP2: sharded).
     check_finite
         Refuse an iterate holding a NaN or inf (default). It costs one read of the parameters and one tiny
         device-to-host copy per fold; ``False`` folds every iterate.
@@ -68,17 +72,23 @@ class Averager:
     """
 
     def __init__(self, model: nn.Module, schedule: Schedule, comm: Union[None, str, Communicator] = None, *,
-                 check_finite: bool = True, metric_reduce: str = "mean", sync: str = "mean",
-                 sync_every_batches: int = 0) -> None:
+                 sharded: Optional[bool] = None, check_finite: bool = True, metric_reduce: str = "mean",
+                 sync: str = "mean", sync_every_batches: int = 0) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(check_finite, bool):
             raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ValueError(f"sharded must be None, True or False, got {sharded!r}")
+        source = _Source(model, check_finite)
+        if source.sharded and sharded is False:
+            raise ValueError("sharded=False with an FSDP2 model: its parameters are sharded, so is their average "
+                             "(each rank folds its own shard); leave sharded unset")
         self.engine = _Engine(schedule, comm, metric_reduce=metric_reduce, sync=sync,
-                              sync_every_batches=sync_every_batches)
+                              sync_every_batches=sync_every_batches, sharded=bool(sharded) and not source.sharded)
         self.model = model
         self.check_finite = check_finite
-        self._source = _Source(model, check_finite)
+        self._source = source
         self.engine.bind(self._source)  # collective on several ranks: they must hold the same model
         if self._source.device.type == "cuda" and self.engine.comm.size > 1 and self.engine.comm.name != "torch":
             raise ValueError(f"the model is on {self._source.device}, but the {self.engine.comm.name!r} communicator "
@@ -89,6 +99,7 @@ class Averager:
     schedule = property(lambda self: self.engine.schedule)
     comm = property(lambda self: self.engine.comm)
     has_average = property(lambda self: self.engine.has_average)
+    sharded = property(lambda self: self.engine.state.partitioned)
     average_counter = property(lambda self: self.engine.average_counter)
     averaging_started = property(lambda self: self.engine.averaging_started)
     refused_nonfinite = property(lambda self: self.engine.refused_nonfinite)
@@ -126,10 +137,9 @@ class Averager:
         return self.engine.load_averaged(self._source, sync=sync)
 
     def restore_training(self) -> bool:
-        """Put the training weights back after ``load_averaged``, and free the copy that held them."""
-        restored = self.engine.restore_training(self._source)
-        self.engine.drop_cache()
-        return restored
+        """Put the training weights back after ``load_averaged``, and free the copy that held them (collective
+        with ``sharded=True``, like the swap in)."""
+        return self.engine.restore_training(self._source, release=True)
 
     @contextlib.contextmanager
     def swapped(self, *, sync: bool = True) -> Iterator[bool]:
@@ -157,7 +167,7 @@ class Averager:
         if not self.has_average:
             return None
         state = self.engine.state
-        if state.partitioned:
+        if state.partitioned:  # gathered (collective)
             averaged = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.engine.averaged().items()}
         else:
             averaged = state.named_tensors()

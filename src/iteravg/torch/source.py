@@ -92,6 +92,7 @@ class TorchSource:
         specs: List[TensorSpec] = []
         locals_: List[torch.Tensor] = []
         originals: List[torch.Tensor] = []
+        shardable: List[bool] = []
         pieces: List[Piece] = []
         seen: Dict[int, str] = {}
         self.aliases: Dict[str, str] = {}   # a tied tensor's other names -> its layout name
@@ -120,6 +121,7 @@ class TorchSource:
             else:
                 local, start = t, 0
             specs.append(TensorSpec(name, tuple(int(d) for d in t.shape), _NUMPY_NAMES[t.dtype]))
+            shardable.append(isinstance(t, nn.Parameter))  # buffers (BatchNorm statistics) may differ per rank
             originals.append(t)
             locals_.append(local.detach())
             pieces.append((len(specs) - 1, start, start + local.numel(), sharded))
@@ -132,6 +134,9 @@ class TorchSource:
         self.layout = Layout(tuple(specs))
         self.device = next(iter(devices))
         self.pieces: Tuple[Piece, ...] = tuple(pieces)
+        #: Per layout tensor: may its state be sharded across data-parallel ranks (parameters: yes; buffers: no).
+        self.shardable: Tuple[bool, ...] = tuple(shardable)
+        self._whole = locals_
         self._tensors = locals_
         self._ends = (originals[0], originals[-1])
         self._ptrs = tuple(_storage_ptr(t) for t in self._ends)
@@ -149,11 +154,33 @@ class TorchSource:
     def fold_weight(self, alpha: float) -> float:
         return alpha
 
-    def make_state(self, **options: Any) -> Any:
+    def make_state(self, pieces: Optional[Sequence[Piece]] = None, **options: Any) -> Any:
+        """The torch averaged state for this model: on its device, on its FSDP2 shards, or -- ``pieces`` from
+        ``sharded=True`` on a replicated model -- on this rank's equal slices of the parameters."""
+        from ..core.partition import Partition  # noqa: WPS433
         from ..core.torch_state import TorchAveragedState  # noqa: WPS433
 
-        return TorchAveragedState(self.layout, self.device, pieces=self.pieces,
-                                  shapes=[tuple(t.shape) for t in self._tensors], **options)
+        if pieces is None:
+            return TorchAveragedState(self.layout, self.device, pieces=self.pieces,
+                                      shapes=[tuple(t.shape) for t in self._tensors], **options)
+        if self.sharded:
+            raise ValueError("this model is FSDP2-sharded: its average lives on its own shards already")
+        tensors = []
+        for i, a, b, sharded in pieces:
+            whole = self._whole[i]
+            if sharded and not whole.is_contiguous():
+                raise ValueError(f"sharded=True needs contiguous parameters; {self.layout.specs[i].name!r} is not "
+                                 "(channels_last?): use sharded=False")
+            tensors.append(whole.view(-1)[a:b] if sharded else whole)
+        self._tensors = tensors
+        partition = Partition(self.layout, pieces, model_sharded=False)
+        return TorchAveragedState(self.layout, self.device, partition=partition,
+                                  shapes=[tuple(t.shape) for t in tensors], **options)
+
+    def whole_tensors(self) -> List[torch.Tensor]:
+        """The model's local tensors in layout order, whole (what a gathered average is written into)."""
+        self.tensors()  # the same check that the model was not moved
+        return self._whole
 
     def read(self, groups: Sequence[Any]) -> None:  # the numpy protocol; the torch state never calls it
         raise NotImplementedError("TorchSource works with iteravg's torch state only")

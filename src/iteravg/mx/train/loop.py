@@ -273,11 +273,13 @@ class TrainingSnapshots:
         """Collective: the average is synced (agreed), then rank 0 writes; a failure is raised on every rank."""
         epoch = self.result.epochs_done
         with collectives.phase(f"checkpoint ({stage})"):
+            averaged = None
             if self.averaging is not None:
                 self.averaging.avg_strategy.sync_average()
+                averaged = self.averaging.gathered_average()
 
             def write() -> None:
-                files, record = self.averaging.snapshot_contents() if self.averaging is not None else ({}, {})
+                files, record = self.averaging.snapshot_contents(averaged) if self.averaging is not None else ({}, {})
                 files.update(self.fitter.training_files(last_iterate))
                 record.update(epoch=epoch, stage=stage, world_size=self.fitter.comm.size, comm=self.fitter.comm.name,
                               extra={"training": self.fitter.training_record(self.result, self.config)})
