@@ -135,6 +135,17 @@ def test_ema_without_warmup_equals_lightning_ema_weight_averaging():
     assert_same_average(floats(ours), floats(ref), last.weights)
 
 
+def test_gradient_accumulation_folds_once_per_optimizer_step_like_lightning():
+    """With accumulate_grad_batches=2 an optimizer step happens every second batch: one fold per step, as
+    Lightning's EMAWeightAveraging updates."""
+    schedule = iteravg.EMASchedule(decay=0.7, warmup=False)
+    ours, ref, last = Net(), Net(), LastIterate()
+    fit(ours, [last, IterationAveraging(schedule, monitor=None)], epochs=3, accumulate_grad_batches=2)
+    fit(ref, [pl.callbacks.EMAWeightAveraging(decay=0.7)], epochs=3, accumulate_grad_batches=2)
+    assert schedule.average_counter == 3 * STEPS // 2
+    assert_same_average(floats(ours), floats(ref), last.weights)
+
+
 def gluonts_trigger(strategy, metrics: List[float]) -> Optional[int]:
     for epoch, metric in enumerate(metrics, start=1):
         strategy.update_average_trigger(metric=metric, epoch=epoch)
