@@ -80,10 +80,20 @@ def check_job(res: list, out: Path) -> None:
         assert sorted(b["epochs"]) == [str(e) for e in range(RESUME, EPOCHS)]
 
 
-def test_ddp_identical_average_checkpoints_and_exact_resume(tmp_path):
-    out = tmp_path / "ddp"
-    res = launch(out, "--strategy", "ddp")
+@pytest.fixture(scope="module")
+def ddp_jobs(tmp_path_factory) -> dict:
+    """The DDP job with the average replicated on every rank (default) and sharded (1/N per rank)."""
+    jobs = {}
+    for sharded in (False, True):
+        out = tmp_path_factory.mktemp("ddp-sharded" if sharded else "ddp")
+        jobs[sharded] = (out, launch(out, "--strategy", "ddp", *(["--sharded"] if sharded else [])))
+    return jobs
+
+
+def test_ddp_identical_average_checkpoints_and_exact_resume(ddp_jobs):
+    out, res = ddp_jobs[False]
     check_job(res, out)
+    assert not any(r["a"]["sharded"] for r in res)
     a = res[0]["a"]
     ckpt = out / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == [f"epoch={e}.ckpt" for e in range(EPOCHS)]
@@ -100,6 +110,16 @@ def test_ddp_identical_average_checkpoints_and_exact_resume(tmp_path):
     assert state["averager"]["averager"]["schedule"]["trigger_epoch"] == a["trigger_epoch"]
     # DistributedSampler: the ranks trained on different batches.
     assert res[0]["a"]["first_batch"] != res[1]["a"]["first_batch"]
+
+
+def test_ddp_sharded_average_is_the_replicated_one(ddp_jobs):
+    """IterationAveraging(sharded=True) under DDP: each rank keeps half the average, every swap gathers it; the job
+    passes the same checks and ends with the replicated job's average, bit for bit."""
+    out, res = ddp_jobs[True]
+    check_job(res, out)
+    assert all(r["a"]["sharded"] for r in res)
+    assert res[0]["a"]["averaged_sha"] == ddp_jobs[False][1][0]["a"]["averaged_sha"]
+    assert res[0]["a"]["epochs"] == ddp_jobs[False][1][0]["a"]["epochs"]
 
 
 def test_fsdp2_identical_average_sharded_checkpoints_and_exact_resume(tmp_path):

@@ -3,7 +3,7 @@
 or one process without a launcher; CPU, Gloo.
 
 usage: worker_lightning.py OUT_DIR --strategy ddp|fsdp|single [--schedule nta|alpha|ema] [--epochs N]
-    [--resume-epoch K] [--no-val] [--control]
+    [--resume-epoch K] [--no-val] [--control] [--sharded]
 
 Fit A trains ``--epochs`` epochs and writes a full checkpoint at every epoch end (ModelCheckpoint, save_top_k=-1) into
 OUT_DIR/ckpt. With ``--resume-epoch K`` the same processes then run fit B: a fresh model and callback resumed from
@@ -141,7 +141,7 @@ class Averaged(pl.Callback):
 
 def fit(args, ckpt: Path, resume: Path = None, averaging: bool = True) -> dict:
     model = Regressor(fsdp=args.strategy == "fsdp")
-    cb = IterationAveraging(schedule(args.schedule, args.epochs), monitor="val_loss")
+    cb = IterationAveraging(schedule(args.schedule, args.epochs), monitor="val_loss", sharded=args.sharded or None)
     saver = pl.callbacks.ModelCheckpoint(dirpath=ckpt, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trained = Trained()
     callbacks = [trained, cb, Averaged(cb, trained.epochs), saver] if averaging else [trained, saver]
@@ -158,7 +158,8 @@ def fit(args, ckpt: Path, resume: Path = None, averaging: bool = True) -> dict:
     result.update(averaged_sha=None if averaged is None else digest(averaged), counter=avg.average_counter,
                   trigger_epoch=avg.schedule.trigger_epoch, val_logs=list(getattr(avg.schedule, "val_logs", [])),
                   final_model_sha=digest(model.state_dict()), comm=avg.comm.name, world=avg.comm.size,
-                  global_step=trainer.global_step, first_batch=model.first_batch, epochs=trained.epochs)
+                  global_step=trainer.global_step, first_batch=model.first_batch, epochs=trained.epochs,
+                  sharded=avg.sharded)
     return result
 
 
@@ -171,6 +172,7 @@ def main() -> None:
     ap.add_argument("--resume-epoch", type=int)
     ap.add_argument("--no-val", action="store_true")
     ap.add_argument("--control", action="store_true")
+    ap.add_argument("--sharded", action="store_true", help="IterationAveraging(sharded=True): 1/N of the average per rank")
     args = ap.parse_args()
     ckpt = args.out / "ckpt"
     result = {"a": fit(args, ckpt)}

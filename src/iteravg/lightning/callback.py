@@ -69,14 +69,17 @@ class IterationAveraging(pl.Callback):
         counted twice). ``False`` (default) folds at an epoch end only on the epoch averaging starts, so from then on
         the average is exactly over the per-step iterates, as ``torch.optim.swa_utils.AveragedModel`` and Lightning's
         ``WeightAveraging`` compute it; ``True`` keeps GluonTS's double count.
-    comm, check_finite, metric_reduce, sync, sync_every_batches
+    comm, sharded, check_finite, metric_reduce, sync, sync_every_batches
         As for ``iteravg.torch.Averager``; ``comm=None`` picks torch.distributed's default process group, which
-        Lightning's DDP and FSDP strategies initialise.
+        Lightning's DDP and FSDP strategies initialise. ``sharded=True`` under DDP keeps 1/N of the average per rank;
+        then every swap is a collective too (Lightning calls the hooks on all ranks alike), the restore after an
+        exception included.
     """
 
     def __init__(self, schedule: Schedule, monitor: Optional[str] = "val_loss", *, recount_epoch_end: bool = False,
-                 comm: Union[None, str, Communicator] = None, check_finite: bool = True, metric_reduce: str = "mean",
-                 sync: str = "mean", sync_every_batches: int = 0) -> None:
+                 comm: Union[None, str, Communicator] = None, sharded: Optional[bool] = None,
+                 check_finite: bool = True, metric_reduce: str = "mean", sync: str = "mean",
+                 sync_every_batches: int = 0) -> None:
         if not isinstance(schedule, Schedule):
             raise ValueError("schedule must be an iteravg schedule (iteravg.NTASchedule, AlphaSuffixSchedule, "
                              f"EMASchedule, ...), got {schedule!r}")
@@ -87,8 +90,9 @@ class IterationAveraging(pl.Callback):
         self.schedule = schedule
         self.monitor = monitor
         self.recount_epoch_end = recount_epoch_end
-        self._options: Dict[str, Any] = dict(comm=comm, check_finite=check_finite, metric_reduce=metric_reduce,
-                                             sync=sync, sync_every_batches=sync_every_batches)
+        self._options: Dict[str, Any] = dict(comm=comm, sharded=sharded, check_finite=check_finite,
+                                             metric_reduce=metric_reduce, sync=sync,
+                                             sync_every_batches=sync_every_batches)
         #: The ``iteravg.torch.Averager`` of the current (or last) fit; ``None`` before ``fit`` starts.
         self.averager: Optional[Averager] = None
         self._pending: Optional[Dict[str, Any]] = None  # a checkpoint's state handed over before on_fit_start
@@ -139,8 +143,8 @@ class IterationAveraging(pl.Callback):
         started_before = avg.averaging_started
         avg.epoch_end(metric=metric, epoch=epoch, fold=self.recount_epoch_end or not started_before)
         self._new_epoch()  # an epoch-end checkpoint carries no partial epoch
-        if not self._sharded:  # just synced: every rank loads the same bits, no collective needed
-            self._swapped_between_epochs = avg.load_averaged(sync=False)
+        if not self._sharded:  # collective (every rank is here); the sync just ran, so it moves nothing
+            self._swapped_between_epochs = avg.load_averaged(sync=True)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore_training_weights()
@@ -204,7 +208,7 @@ class IterationAveraging(pl.Callback):
         try:
             checkpoint["current_model_state"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         finally:
-            avg.load_averaged(sync=False)  # checkpoint['state_dict'] aliases the parameters: average again
+            avg.load_averaged(sync=True)  # checkpoint['state_dict'] aliases the parameters: average again
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                            checkpoint: Dict[str, Any]) -> None:
