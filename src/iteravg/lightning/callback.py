@@ -20,7 +20,7 @@ hook                           what it does
                                Then the averaged weights stay in the model until the next epoch starts, so a
                                checkpoint written at the epoch end holds them (see below)
 ``on_train_end``               the model holds the synced average on every rank (collective)
-``on_exception``               the training weights back if a swap was active (no collective)
+``on_exception``               the training weights back if a swap was active (a collective only with sharded=True)
 =============================  ===========================================================================
 
 Checkpoints are Lightning's: the callback's ``state_dict`` (the averager's progress and averaged tensors, the whole
