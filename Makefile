@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .PHONY: setup test test-fast demo bench docs soak study clean image test-hosts
 
 setup: $(STAMP)
-$(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/study.txt requirements/torch.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
+$(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/study.txt requirements/torch.txt requirements/lightning.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
 	bash scripts/install.sh $(VENV)
 	@touch $@
 

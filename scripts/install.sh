@@ -135,6 +135,17 @@ if [ "${ITERAVG_STUDY:-1}" != 0 ] && [ ! -e "$study_stamp" ]; then
   pip -r "$here/requirements/study.txt" -c "$here/requirements/base.txt" -c "$here/requirements/dev.txt"
   touch "$study_stamp"
 fi
+# Optional: Lightning for iteravg.lightning and gluonts.torch's estimators (needs the torch step; same --no-deps
+# reason, see requirements/lightning.txt). A failure only skips the Lightning tests.
+lightning_stamp=$stamp_dir/lightning-$(sha256sum "$here/requirements/lightning.txt" | cut -c1-12)
+if [ "${ITERAVG_TORCH:-1}" != 0 ] && has_torch && { [ ! -e "$lightning_stamp" ] || ! "$py" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("lightning") is None)'; }; then
+  log "installing Lightning (optional)"
+  if pip --no-deps -r "$here/requirements/lightning.txt"; then
+    touch "$lightning_stamp"
+  else
+    log "warning: Lightning could not be installed; tests/test_lightning*.py will be skipped"
+  fi
+fi
 # 4. iteravg itself (editable, cheap; always re-run so entry points follow pyproject.toml).
 if [ "$venv" != system ] || [ -e "$here/pyproject.toml" ]; then
   pip --no-deps --no-build-isolation -e "$here"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import glob
-import hashlib
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from mxnet import gluon
 
 from .. import collectives
 from ..comm import Communicator
+from ..core.seeding import rank_seeds
 from ..mx.ndarray import numpy_view
 from ._grads import DataExhaustedError, GradientReducer
 from .guard import fingerprints_agree, parameter_fingerprint
@@ -113,19 +113,16 @@ def parameter_files_on_root_only(net: gluon.Block, rank: int) -> Iterator[None]:
 def seed_ranks(comm: Communicator) -> int:
     """Each rank draws its own training windows: ranks > 0 reseed numpy, random and mx.random.
 
-    The seed is derived from rank 0's numpy RNG state (read, not consumed), so rank 0 draws what one process
-    would and a seeded script stays reproducible. Returns the base seed (identical on every rank).
+    The seeds are ``iteravg.core.seeding.rank_seeds``: derived from rank 0's numpy RNG state (read, not consumed),
+    so rank 0 draws what one process would and a seeded script stays reproducible. Returns the base seed (identical
+    on every rank).
     """
-    base = None
-    if comm.rank == 0:
-        state = np.random.get_state()[1]
-        base = int.from_bytes(hashlib.sha256(np.ascontiguousarray(state).tobytes()).digest()[:4], "little")
-    base = int(collectives.broadcast_json(comm, base))
-    if comm.rank > 0:
-        a, b, c = np.random.SeedSequence([base, comm.rank]).generate_state(3)
-        np.random.seed(int(a))
-        random.seed(int(b))
-        mx.random.seed(int(c) % (2**31 - 1))
+    base, seeds = rank_seeds(comm, 3)
+    if seeds is not None:
+        a, b, c = seeds
+        np.random.seed(a)
+        random.seed(b)
+        mx.random.seed(c % (2**31 - 1))
     return base
 
 
