@@ -40,6 +40,7 @@ test-hosts:
 bench: setup
 	$(PY) benchmarks/bench_update.py
 	bash launch/horovodrun-local.sh 2 --bench-sync
+	$(PY) benchmarks/bench_memory.py
 
 docs: setup
 	$(PY) -m mkdocs build --strict -d site
