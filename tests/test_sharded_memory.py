@@ -49,7 +49,8 @@ def gather_like_allgather(layout: Layout, shardable: list, size: int, data: list
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("per_rank", [None, "b1", "h0"])
 def test_stacked_slices_are_the_group_exactly_when_no_per_rank_tensor_is_in_it(size, per_rank):
-    specs = (TensorSpec("w0", (7, 5), "float32"), TensorSpec("b1", (3,), "float32"), TensorSpec("h0", (4, 3), "float16"),
+    specs = (TensorSpec("w0", (7, 5), "float32"), TensorSpec("b1", (3,), "float32"),
+             TensorSpec("h0", (4, 3), "float16"),
              TensorSpec("w2", (11,), "float32"), TensorSpec("h1", (5,), "float16"), TensorSpec("s", (), "float32"))
     layout = Layout(specs)
     shardable = [s.name != per_rank for s in specs]

@@ -2,8 +2,8 @@
 
 usage: worker_sharded_memory.py OUT_DIR [--per-rank]
 
-A data-parallel model of 3.8M float32 (15 MB) in 40 tensors (every rank the same iterate); ``--per-rank`` declares one small
-tensor a per-rank statistic, so the gather cannot return the allgather's rows as they are. Each rank writes
+A data-parallel model of 3.8M float32 (15 MB) in 40 tensors (every rank the same iterate); ``--per-rank`` declares
+one small tensor a per-rank statistic, so the gather cannot return the allgather's rows as they are. Each rank writes
 OUT_DIR/rank-R.json: the steady-state bytes and the traced peaks of ``swapped`` and ``save``, in units of the
 model (and the model's bytes), and the SHA-256 of the gathered average (swap) and of the model after the swap.
 """
