@@ -42,6 +42,7 @@ bench: setup
 	bash launch/horovodrun-local.sh 2 --bench-sync
 	$(PY) benchmarks/bench_torch.py
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_torch.py --sync
+	$(PY) benchmarks/bench_memory.py
 
 docs: setup
 	$(PY) -m mkdocs build --strict -d site

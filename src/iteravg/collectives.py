@@ -376,8 +376,9 @@ def gather_average(comm: Communicator, state: Any, tables: Sequence[np.ndarray],
     group of every rank's sharded part (padded to the longest), placed by the piece tables; the replicated part is
     this rank's own (identical everywhere after a sync). ``parts(g)`` -> (sharded part, replicated part) gathers
     other buffers laid out like the state (the swap cache's training weights). Peak extra memory: one copy of the
-    model."""
-    from .core.partition import assemble_group  # noqa: WPS433
+    model when the ranks' parts stacked in rank order are the group itself (``sharded=True`` without per-rank
+    tensors in the group: the allgather's result is returned, no copy), else two (the allgather's, the assembled)."""
+    from .core.partition import assemble_group, stacked_in_order  # noqa: WPS433
 
     part = state.partition
     out = []
@@ -387,9 +388,15 @@ def gather_average(comm: Communicator, state: Any, tables: Sequence[np.ndarray],
             shards = [own]
         else:
             sizes = comm.allgather(np.array([own.size], dtype=np.int64), name=f"iteravg.gather.size.{g}")[:, 0]
-            row = np.zeros(int(sizes.max()), dtype=own.dtype)
-            row[: own.size] = own
+            width = int(sizes.max())
+            row = own
+            if own.size != width:  # only ranks whose part is shorter pad a copy
+                row = np.zeros(width, dtype=own.dtype)
+                row[: own.size] = own
             rows = comm.allgather(row, name=f"iteravg.gather.{g}")
+            if stacked_in_order(part, g, tables, width):
+                out.append(rows.reshape(-1)[:n])
+                continue
             shards = [rows[r][: int(sizes[r])] for r in range(comm.size)]
         full = np.empty(n, dtype=np.dtype(dt))
         assemble_group(part, g, replicated, tables, shards, full)

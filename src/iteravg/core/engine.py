@@ -436,10 +436,12 @@ class Averager:
         return diffs
 
     # -- snapshots: rank 0 writes, every rank loads ----------------------------------------------
-    def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None
+    def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None,
+                          groups: Optional[List[np.ndarray]] = None
                           ) -> Tuple[Dict[str, Callable[[Path], None]], Dict[str, Any]]:
         """(files, state record) of this averager for a snapshot; no collective (rank 0 calls it, synced).
-        ``averaged`` is the host average when the caller already has it (a sharded state's gathered whole)."""
+        ``averaged`` is the host average when the caller already has it (a sharded state's gathered whole), and
+        ``groups`` the same as layout-order flat buffers (fingerprinted as they are, not flattened into a copy)."""
         files: Dict[str, Callable[[Path], None]] = {}
         record = self.state_dict()
         if averaged is None and self.has_average and self._state.partitioned:
@@ -453,8 +455,9 @@ class Averager:
             contents = dict(averaged, **carried)
             files[AVERAGED_FILE] = lambda path: save_tensors(path, contents, {"format": "iteravg-averaged"})
             if "fingerprint" not in record:
-                record["fingerprint"] = fingerprint_hex(fingerprint(flatten_tensors(self._state.layout, averaged,
-                                                                                    "the average")))
+                if groups is None:
+                    groups = flatten_tensors(self._state.layout, averaged, "the average")
+                record["fingerprint"] = fingerprint_hex(fingerprint(groups))
         return files, {"averager": record, "iteravg_version": __version__}
 
     def _carried(self) -> Dict[str, np.ndarray]:
@@ -471,12 +474,14 @@ class Averager:
         epoch = self._epochs_done if epoch is None else int(epoch)
         with collectives.phase(f"save ({stage})"):
             self.sync()
+            groups = None  # a sharded state's gathered whole, as layout-order buffers
             gathered = averaged
-            if gathered is None and self._state is not None and self._state.partitioned:
-                gathered = self.averaged()
+            if gathered is None and self.has_average and self._state is not None and self._state.partitioned:
+                groups = collectives.gather_average(self.comm, self._state, self._tables)
+                gathered = unflatten_groups(self._state.layout, groups)
 
             def write() -> Path:
-                files, record = self.snapshot_contents(gathered)
+                files, record = self.snapshot_contents(gathered, groups)
                 files.update(extra_files or {})
                 record.update(epoch=epoch, stage=stage, world_size=self.comm.size, comm=self.comm.name,
                               extra=dict(extra_state or {}))

@@ -23,7 +23,7 @@ import numpy as np
 
 from .averaged import Layout
 
-__all__ = ["Piece", "Partition", "PieceLayout", "full_pieces", "equal_slices", "assemble_group"]
+__all__ = ["Piece", "Partition", "PieceLayout", "full_pieces", "equal_slices", "assemble_group", "stacked_in_order"]
 
 #: (layout index, first element, end element, sharded) -- see the module docstring.
 Piece = Tuple[int, int, int, bool]
@@ -185,3 +185,26 @@ def assemble_group(own: Partition, g: int, replicated: np.ndarray, tables: Seque
             begin = layout.offsets[layout.specs[i].name][1] + a
             out[begin:begin + b - a] = shard[pos:pos + b - a]
             pos += b - a
+
+
+def stacked_in_order(own: Partition, g: int, tables: Sequence[np.ndarray], width: int) -> bool:
+    """Whether every rank's sharded part of group ``g`` (its pieces in ``tables[r]`` order), padded to ``width``
+    elements and stacked in rank order -- what an allgather returns -- *is* the whole layout-order buffer of the group
+    followed by padding. True for ``equal_slices`` of a group without per-rank tensors (the usual ``sharded=True``
+    case): the gather then needs no second, assembled copy of the model. Rank r's part must start at ``r * width``
+    and run contiguously in layout order, and the parts must add up to the group (they then tile it exactly)."""
+    layout = own.layout
+    if own.replicated_size(g):
+        return False
+    covered = 0
+    for r, table in enumerate(tables):
+        pos = r * width
+        for i, a, b, sharded in (tuple(int(v) for v in row) for row in table):
+            name = layout.specs[i].name
+            if layout.offsets[name][0] != g:
+                continue
+            if not sharded or layout.offsets[name][1] + a != pos:
+                return False
+            pos += b - a
+        covered += pos - r * width
+    return covered == layout.group_sizes[g]
