@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/bench_torch.py
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_torch.py --sync
 	$(PY) benchmarks/bench_memory.py
+	$(PY) benchmarks/bench_lightning.py
 
 docs: setup
 	$(PY) -m mkdocs build --strict -d site

@@ -319,7 +319,7 @@ class TorchAveragedState:
     def write_params(self, source: Any, buffers: Optional[Sequence[Tuple[Any, torch.Tensor]]] = None) -> None:
         views = self._views if buffers is None else self._split([b[1] for b in buffers], self._shapes)
         with torch.no_grad():
-            torch._foreach_copy_(source.tensors(), views)
+            torch._foreach_copy_(source.writable_tensors(), views)
 
     # -- what ``collectives.sync_average`` asks --------------------------------------------------
     def mark_contribution(self, g: int, has_data: bool) -> None:

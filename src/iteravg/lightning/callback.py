@@ -148,7 +148,6 @@ class IterationAveraging(pl.Callback):
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore_training_weights()
-        self._reshard()
         self._bound().finalize()
 
     # -- validation ------------------------------------------------------------------------------------
@@ -157,13 +156,11 @@ class IterationAveraging(pl.Callback):
             return
         if self._swapped_for_validation or self._swapped_between_epochs:
             return  # the model holds the average already
-        self._reshard()
         self._swapped_for_validation = self.averager.load_averaged(sync=True)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._swapped_for_validation:
             self._swapped_for_validation = False
-            self._reshard()
             self._bound().restore_training()
         if not trainer.sanity_checking:
             self._validated = True
@@ -171,7 +168,6 @@ class IterationAveraging(pl.Callback):
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if self._swapped_for_validation:
             self._swapped_for_validation = False
-            self._reshard()
             self._bound().restore_training()
         self._restore_training_weights()
 
@@ -229,15 +225,6 @@ class IterationAveraging(pl.Callback):
         self._loss_count = int(state.get("loss_count", 0))
         self._validated = bool(state.get("validated", False))
 
-    def _reshard(self) -> None:
-        """FSDP2: put every FSDP module back on its sharded parameters before the shards are written. FSDP2 keeps the
-        root module's parameters unsharded after a forward without backward (validation), and the next forward
-        reuses them instead of gathering the shards -- it would run on the weights swapped out."""
-        if self._sharded:
-            for module in self._bound().model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-
     def _new_epoch(self) -> None:
         self._loss_sum, self._loss_count, self._validated = 0.0, 0, False
 
@@ -267,12 +254,6 @@ def _step_loss(outputs: Any) -> Optional[torch.Tensor]:
     if isinstance(outputs, dict):
         outputs = outputs.get("loss")
     return outputs if isinstance(outputs, torch.Tensor) else None
-
-
-try:
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - torch without distributed
-    FSDPModule = ()  # type: ignore[assignment,misc]
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:

@@ -151,6 +151,18 @@ class TorchSource:
                              "param.data = ..., re-initialisation); create the averager after moving the model")
         return self._tensors
 
+    def writable_tensors(self) -> List[torch.Tensor]:
+        """``tensors()``, to be written (swaps, ``finalize``). FSDP2 keeps the root module's parameters unsharded
+        after a forward without backward (validation) and the next forward reuses them instead of gathering the
+        shards: every FSDP module is put back on its shards first, so what is written here is what runs next."""
+        if self.sharded:
+            from torch.distributed.fsdp import FSDPModule  # noqa: WPS433
+
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        return self.tensors()
+
     def fold_weight(self, alpha: float) -> float:
         return alpha
 
