@@ -1,4 +1,5 @@
-"""Post-hoc averaging windows in real 2-rank jobs (mpirun + mpi4py, numpy model, ``tests/multirank/worker_posthoc.py``).
+"""Post-hoc averaging windows in real 2-rank jobs (mpirun + mpi4py, and horovodrun for independent replicas, whose
+post-hoc sums must move; numpy model, ``tests/multirank/worker_posthoc.py``).
 
 The distributed average is the mean of the ranks' averages; so is the post-hoc one. Per rank the worker runs an NTA
 job with ``posthoc=True`` and, for every start epoch, an ``AlphaSuffixSchedule`` job started there: every post-hoc
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "multirank"))
-from launch import mpirun, run  # noqa: E402
+from launch import horovodrun, mpirun, run  # noqa: E402
 import worker_posthoc as W  # noqa: E402
 
 import iteravg  # noqa: E402
@@ -31,12 +32,17 @@ def close(got: dict, want: dict, rel: float) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["independent", "data-parallel"])
-def test_posthoc_under_mpirun(tmp_path, mode):
-    run(mpirun(2, ["tests/multirank/worker_posthoc.py", str(tmp_path), mode]), env={"ITERAVG_COMM": "mpi"},
-        timeout=240)
+@pytest.mark.parametrize("launcher,mode", [("mpirun", "independent"), ("mpirun", "data-parallel"),
+                                           ("horovodrun", "independent")])
+def test_posthoc_distributed(tmp_path, launcher, mode):
+    args = ["tests/multirank/worker_posthoc.py", str(tmp_path), mode]
+    if launcher == "mpirun":
+        run(mpirun(2, args), env={"ITERAVG_COMM": "mpi"}, timeout=240)
+    else:
+        run(horovodrun(2, args), timeout=240)
     ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
-    assert [r["rank"] for r in ranks] == [0, 1] and {r["comm"] for r in ranks} == {"mpi"}
+    comm = "mpi" if launcher == "mpirun" else "horovod"
+    assert [r["rank"] for r in ranks] == [0, 1] and {r["comm"] for r in ranks} == {comm}
     r0 = ranks[0]
     assert r0["trigger_epoch"] == 5 and [e for e, _ in r0["starts"]] == list(range(W.EPOCHS + 1))
     assert ranks[0]["posthoc_digests"] == ranks[1]["posthoc_digests"], "post-hoc averages differ across ranks"
