@@ -139,6 +139,12 @@ def test_snapshots_resume_bit_for_bit_and_keep_bounds_the_store(tmp_path):
         ["prefix-000006", "prefix-000007", "prefix-000008"]
     with pytest.raises(ValueError, match=r"start_epoch 3 has no post-hoc prefix; the starts kept are \[0, 6, 7, 8\]"):
         kept.posthoc_average(3)
+    # A fresh run into the same directory: the store then holds its prefixes only (names are never reused, and the
+    # earlier run's prefix-000006..8 are gone).
+    again = iteravg.Averager(iteravg.AlphaSuffixSchedule(epochs=EPOCHS, alpha=0.5), comm="local", posthoc=True)
+    train(again, epochs=range(2), ckpt=tmp_path / "kept")
+    assert sorted(p.name for p in checkpoint.list_snapshots(tmp_path / "kept" / "posthoc")) == \
+        ["prefix-000001.1", "prefix-000002.1"]
 
 
 def test_saving_elsewhere_copies_the_prefixes_and_inspect_verifies_them(tmp_path):

@@ -47,7 +47,7 @@ def posthoc_json(capsys, run_dir: Path) -> dict:
 
 
 def weights(params_file: Path) -> dict:
-    net = cli._make_net(10, 8, 0)
+    net = cli.make_net(10, 8, 0)
     net.load_parameters(str(params_file))
     return {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()}
 

@@ -338,13 +338,15 @@ class PosthocTracker:
             else:  # saving into another directory than the prefixes live in: copy them over
                 assert self.store is not None
                 prefix = read_prefix(self.store / elsewhere[epoch], s, self.starts[epoch])
-            self.names[epoch] = write_prefix(store, epoch, self.starts[epoch], prefix, s, self.keep)
+            self.names[epoch] = write_prefix(store, epoch, self.starts[epoch], prefix, s)
             self.pending.pop(epoch, None)
         self.store = store
-        for epoch, name in list(self.names.items()):  # pruned by the store (e.g. older than `keep`): forget it
+        for epoch, name in list(self.names.items()):  # gone from the store (removed by hand?): forget it
             if not (store / name / checkpoint.STATE_FILE).is_file():
                 self.names.pop(epoch)
                 self.starts.pop(epoch, None)
+        # The store holds what the index names: older than `keep`, or left by an earlier run in this directory.
+        checkpoint.remove_snapshots(store, self.names.values())
         total = s.tensors(s.total)
         files = {POSTHOC_FILE: lambda path: save_tensors(path, total, {"format": "iteravg-posthoc-sum"})}
         return files, self.state()
@@ -392,16 +394,15 @@ def _same_dir(a: Path, b: Path) -> bool:
         return False
 
 
-def write_prefix(store: Path, epoch: int, count: int, prefix: np.ndarray, sums: PosthocSums,
-                 keep: Optional[int]) -> str:
-    """Publish one prefix as an atomic, immutable snapshot ``store/prefix-NNNNNN``; returns its name. The store keeps
-    its newest ``keep`` snapshots (by write order, i.e. epoch)."""
+def write_prefix(store: Path, epoch: int, count: int, prefix: np.ndarray, sums: PosthocSums) -> str:
+    """Publish one prefix as an atomic, immutable snapshot ``store/prefix-NNNNNN``; returns its name. (The tracker
+    prunes the store to the prefixes its index names, ``posthoc_keep`` of them at most.)"""
     tensors = sums.tensors(prefix)
     record = {"epoch": int(epoch), "stage": "posthoc_prefix", "iteravg_version": __version__,
               "posthoc_prefix": {"epoch": int(epoch), "count": int(count), "layout": sums.layout.describe()}}
     path = checkpoint.write_snapshot(store, f"prefix-{int(epoch):06d}", record,
                                      {PREFIX_FILE: lambda p: save_tensors(p, tensors, {"format": "iteravg-posthoc-prefix"})},
-                                     keep=_KEEP_ALL if keep is None else keep)
+                                     keep=_KEEP_ALL)
     return path.name
 
 

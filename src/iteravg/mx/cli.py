@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- train ---------------------------------------------------------------------------------------------
-def _make_net(num_features: int, hidden: int, seed: int):
+def make_net(num_features: int, hidden: int, seed: int):
+    """The MLP ``iteravg train`` trains (``--hidden`` units, initialised from ``--seed``); ``iteravg posthoc``
+    rebuilds it from a run's configuration."""
     import mxnet as mx
     from mxnet.gluon import nn
 
@@ -191,6 +193,9 @@ def _make_net(num_features: int, hidden: int, seed: int):
     net.initialize(mx.init.Xavier(), ctx=mx.cpu())
     net(mx.nd.zeros((1, num_features)))
     return net
+
+
+_make_net = make_net  # the older name, used by tests
 
 
 def _strategy(args: argparse.Namespace):
@@ -374,7 +379,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
         return _finish(comm, usage_error(prog, f"--batch-size {args.batch_size} is larger than each rank's share of "
                                                f"the training data ({per_rank} rows on {comm.size} rank(s))"))
     out, ckpt = Path(paths["out"]), Path(paths["ckpt"])
-    net = _make_net(ds.num_features, args.hidden, args.seed)
+    net = make_net(ds.num_features, args.hidden, args.seed)
     loss_fn = mx.gluon.loss.L2Loss()  # 0.5 * squared error; every number shown is converted to MSE
 
     def mse(split: Any) -> float:

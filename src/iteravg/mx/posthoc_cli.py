@@ -84,11 +84,11 @@ def evaluate_starts(run: Any, config: Dict[str, Any]) -> List[Dict[str, Any]]:
     from iteravg.core.records import first_layout_difference, flatten_tensors
     from iteravg.mx import data
     from iteravg.mx.binding import ModelBinding
-    from iteravg.mx.cli import _make_net
+    from iteravg.mx.cli import make_net
     from iteravg.mx.train import evaluate
 
     ds = data.load(config.get("data"))
-    net = _make_net(ds.num_features, int(config["hidden"]), int(config["seed"]))
+    net = make_net(ds.num_features, int(config["hidden"]), int(config["seed"]))
     binding = ModelBinding(net)
     if binding.layout.describe() != run.layout.describe():
         raise ValueError(f"the run's checkpoint is for another model than its report.json describes: "
