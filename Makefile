@@ -25,9 +25,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank"
 
-## The main job: 2-rank data-parallel training with synchronised averaging on the embedded data set.
+## The main job: 2-rank data-parallel training with synchronised averaging on the embedded data set, then every
+## averaging start it could have taken, evaluated after training (post-hoc averaging windows).
 demo: setup
-	bash launch/horovodrun-local.sh $(NP) --out runs/demo
+	bash launch/horovodrun-local.sh $(NP) --out runs/demo --posthoc
+	$(VENV)/bin/iteravg posthoc runs/demo
 
 ## The container image (podman, no registry needed; ENGINE=docker for docker), cached by a content hash.
 image:
@@ -39,6 +41,7 @@ test-hosts:
 
 bench: setup
 	$(PY) benchmarks/bench_update.py
+	$(PY) benchmarks/bench_posthoc.py
 	bash launch/horovodrun-local.sh 2 --bench-sync
 	$(PY) benchmarks/bench_torch.py
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_torch.py --sync

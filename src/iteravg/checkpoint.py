@@ -75,7 +75,7 @@ FAULT_ENV = _faults.FAULT_ENV
 SNAPSHOT_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9_]*-\d{6,})(?:\.(?P<rev>\d+))?$")
 
 __all__ = ["CheckpointError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file",
-           "checkpoint_root", "check_writable", "list_snapshots", "record_digest", "FORMAT_VERSION"]
+           "checkpoint_root", "check_writable", "list_snapshots", "remove_snapshots", "record_digest", "FORMAT_VERSION"]
 logger = logging.getLogger("iteravg")
 
 
@@ -326,15 +326,35 @@ def _prune(root: Path, keep: int, current: Tuple[str, ...]) -> None:
     snaps = list_snapshots(root)
     excess = max(0, len(snaps) - max(keep, 1))
     for p in [p for p in snaps if p.name not in protected][:excess]:
-        trash = root / f".tmp-prune-{p.name}-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(p, trash)
-        _fsync_dir(root)
-        if _faults.pruning_fault():
-            victims = sorted(trash.iterdir())
-            if victims:
-                victims[0].unlink()
-            _faults.snapshot_stage("pruning", current)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(root, p, current)
+
+
+def _remove(root: Path, snap: Path, current: Tuple[str, ...] = ()) -> None:
+    """Rename a snapshot aside (``.tmp-prune-*``: never read, cleaned by the next writer), then delete it: a crash
+    never leaves a half-deleted snapshot under a published name."""
+    trash = root / f".tmp-prune-{snap.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.rename(snap, trash)
+    _fsync_dir(root)
+    if _faults.pruning_fault():
+        victims = sorted(trash.iterdir())
+        if victims:
+            victims[0].unlink()
+        _faults.snapshot_stage("pruning", current)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_snapshots(checkpoint_dir: os.PathLike, keep_names: Any) -> List[str]:
+    """Prune by name: remove every iteravg snapshot in ``checkpoint_dir`` whose name is not in ``keep_names``, except
+    the one ``latest`` names (as pruning does, crash-safe). For stores whose owner knows exactly which snapshots it
+    still needs (the post-hoc prefixes, ``core.posthoc``). Returns the removed names."""
+    root = Path(checkpoint_dir)
+    protected = set(keep_names) | {_latest_target(root)}
+    removed = []
+    for snap in list_snapshots(root):
+        if snap.name not in protected:
+            _remove(root, snap)
+            removed.append(snap.name)
+    return removed
 
 
 # -- reading -------------------------------------------------------------------------------------

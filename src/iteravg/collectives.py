@@ -29,6 +29,11 @@ name                        what                                                
 ``iteravg.repair.<g>``      broadcast from the sync's source rank                   only if fingerprints differ
 ``iteravg.agree``           allgather of ok flags (+ broadcast of the error text)   around rank-0 file reads
 ``iteravg.bytes.*``         broadcast of a length, then of the bytes                checkpoint state on resume
+``iteravg.posthoc.agree``   allreduce-max of per-tensor fingerprints + counters     ``posthoc=True``: epoch ends,
+                                                                                   syncs, ``posthoc_average``
+``iteravg.posthoc.sum.<i>.<j>``  allreduce-sum of differing runs of post-hoc sums   only where ranks differ
+``iteravg.posthoc.fp``      allreduce-max of the sums' fingerprint (+ repair)      after a post-hoc sum moved
+``iteravg.posthoc.average`` broadcast of a post-hoc average from rank 0            ``posthoc_average``
 ``iteravg.rank_mean``       allgather of a few scalars                             epoch losses (training loop)
 ``iteravg.bcast.*.<i>``     broadcast from rank 0 (``params``, ``resume``)         initial / resumed parameters
 ``iteravg.grad.<i>``        allreduce-mean                                         gradients (mpi4py backend)
@@ -54,7 +59,8 @@ import numpy as np
 from . import _faults
 from .comm import Communicator
 from .comm.watchdog import current_phase, get_timeout, phase, set_timeout
-from .core.averaged import AveragedState, Layout
+from .core._kernel import segment_fingerprints
+from .core.averaged import AveragedState, Layout, fingerprint
 
 __all__ = [
     "CollectiveError",
@@ -63,6 +69,7 @@ __all__ = [
     "consensus_metric",
     "check_same_layout",
     "sync_average",
+    "sync_sums",
     "broadcast_average",
     "broadcast_bytes",
     "broadcast_json",
@@ -354,6 +361,56 @@ def _allreduce_mean_of_contributors(comm: Communicator, state: AveragedState, g:
     comm.allreduce_(state.sync_view(g), op="sum", name=f"iteravg.avg.{g}", native=state.native(g))
     contributors = state.contributors(g)
     return state.scale(g, 1.0 / contributors if contributors else 0.0)
+
+
+# -- post-hoc sums (``core.posthoc``) -------------------------------------------------------------
+def sync_sums(comm: Communicator, buffers: Sequence[np.ndarray], bounds: np.ndarray,
+              values: Sequence[int]) -> List[int]:
+    """Make float64 running sums identical on every rank: each becomes the mean over ranks of its per-rank values.
+
+    The post-hoc sums (``core.posthoc``) of independent replicas are per-rank sums; the run's synced average is the
+    mean of the ranks' averages, so the post-hoc one is built from the mean of the ranks' sums. As in
+    ``sync_average``, one allreduce-max of every tensor's 128-bit fingerprint (``bounds``: the tensors' segment
+    bounds, the same for every buffer) plus ``values`` (small integers to agree on by maximum: counters, flags)
+    decides what moves: in data-parallel training the sums hold the same bits on every rank and nothing moves, so the
+    post-hoc average is exactly the single-process one. Differing runs are allreduce-summed and divided by the
+    number of ranks, then a fingerprint check (with a broadcast from rank 0 as repair) makes the bits identical.
+    Returns ``values`` maxed over ranks. Which collectives run depends only on agreed data."""
+    if comm.size == 1:
+        return [int(v) for v in values]
+    fps = [segment_fingerprints(b, bounds).reshape(-1) for b in buffers]
+    flat = np.concatenate(fps + [np.zeros(0, dtype=np.uint64)]).view(np.int64)
+    row = np.concatenate([flat, np.invert(flat), np.asarray(values, dtype=np.int64)])
+    comm.allreduce_(row, op="max", name="iteravg.posthoc.agree")
+    n = flat.size
+    same = row[:n] == np.invert(row[n:2 * n])
+    agreed = [int(v) for v in row[2 * n:]]
+    segments = [(int(bounds[k]), int(bounds[k + 1])) for k in range(bounds.size - 1)]
+    moved = False
+    for i, buf in enumerate(buffers):
+        first = i * 2 * len(segments)
+        differ = [not bool(same[first + 2 * t] and same[first + 2 * t + 1]) for t in range(len(segments))]
+        for j, (a, b) in enumerate(_runs(segments, differ)):
+            comm.allreduce_(buf[a:b], op="sum", name=f"iteravg.posthoc.sum.{i}.{j}")
+            np.multiply(buf[a:b], 1.0 / comm.size, out=buf[a:b])
+            moved = True
+    if moved and not _same_bits(comm, buffers):
+        logger.warning("iteravg: post-hoc sums differed across ranks after the allreduce; repaired by a broadcast "
+                       "from rank 0")
+        for i, buf in enumerate(buffers):
+            comm.broadcast_(buf, root=0, name=f"iteravg.posthoc.repair.{i}")
+        if not _same_bits(comm, buffers):
+            raise ReplicaDivergenceError("post-hoc sums still differ across ranks after a repair broadcast from "
+                                         "rank 0; this points at memory corruption -- please report it")
+    return agreed
+
+
+def _same_bits(comm: Communicator, buffers: Sequence[np.ndarray]) -> bool:
+    """One allreduce-max of (fingerprint, ~fingerprint) of ``buffers``: identical on every rank?"""
+    fp = fingerprint(list(buffers))
+    row = np.concatenate([fp, np.invert(fp)])
+    comm.allreduce_(row, op="max", name="iteravg.posthoc.fp")
+    return bool(np.array_equal(row[:2], np.invert(row[2:4])))
 
 
 # -- sharded averaged state (FSDP2): each rank holds its own pieces -------------------------------

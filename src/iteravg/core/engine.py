@@ -41,6 +41,7 @@ from .averaged import Allocator, AveragedState, Layout, fingerprint, numpy_alloc
 from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
                       first_layout_difference, flatten_tensors, unflatten_groups)
 from .partition import Partition, equal_slices
+from .posthoc import PosthocTracker, check_posthoc
 from .schedules import Schedule
 from .sharded_state import ShardedState
 from .sources import ArraySource, Params, ParamSource
@@ -81,6 +82,14 @@ class Averager:
     alloc
         Who owns the averaged buffers' memory (the MXNet face passes NDArray-backed buffers, so Horovod reduces
         them in place).
+    posthoc
+        Also keep what rebuilds, after training, the uniform average from any epoch's end on (``posthoc_average``,
+        ``core.posthoc``): a float64 running sum of every step's and epoch end's iterate (one more pass over the model
+        per step, 8 bytes per parameter of memory) and a prefix per epoch, written next to the snapshots (8 bytes
+        per parameter per epoch). ``poly``, ``nta`` and ``alpha_suffix`` schedules; every rank must call ``step``
+        equally often.
+    posthoc_keep
+        How many per-epoch prefixes (the newest) are kept, on disk and in memory; ``None``: every epoch's.
     """
 
     def __init__(
@@ -93,6 +102,8 @@ class Averager:
         sync_every_batches: int = 0,
         sharded: bool = False,
         alloc: Allocator = numpy_allocator,
+        posthoc: bool = False,
+        posthoc_keep: Optional[int] = None,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be an iteravg schedule (NTASchedule, EMASchedule, ...), got {schedule!r}")
@@ -107,6 +118,7 @@ class Averager:
             raise ValueError(f"sync_every_batches must be an integer >= 0, got {sync_every_batches!r}")
         if not isinstance(sharded, bool):
             raise ValueError(f"sharded must be True or False, got {sharded!r}")
+        keep = check_posthoc(posthoc, posthoc_keep, schedule.kind, sharded)
         self.schedule = schedule
         self.comm: Communicator = resolve_comm(comm)
         self.sharded = sharded
@@ -124,6 +136,7 @@ class Averager:
         self._dirty = False  # a fold was attempted since the last sync
         self._since_sync = 0
         self._epochs_done = 0
+        self._posthoc: Optional[PosthocTracker] = PosthocTracker(self.comm, keep) if posthoc else None
 
     # -- what users read -------------------------------------------------------------------------
     @property
@@ -177,6 +190,8 @@ class Averager:
             self._state = self._make_state(src)
             if self._state.partitioned:  # sharded: every rank learns where the others' pieces are
                 self._tables = collectives.exchange_pieces(self.comm, self._state.partition.table())
+            if self._posthoc is not None:
+                self._posthoc.bind(src)
         elif src.layout != self._state.layout:
             raise ValueError(
                 "the model's parameters changed (names, shapes or dtypes) since averaging began; an Averager "
@@ -211,10 +226,16 @@ class Averager:
 
     # -- the per-step path (no communication) ----------------------------------------------------
     def step(self, params: Params) -> bool:
-        """Call after every optimizer step: folds the iterate if the schedule says so. Returns whether it folded."""
+        """Call after every optimizer step: folds the iterate if the schedule says so. Returns whether it folded.
+        With ``posthoc=True`` the iterate also enters the post-hoc sum (checked for NaN/inf unless the fold did)."""
         if not self.schedule.should_fold():
+            if self._posthoc is not None:
+                self._posthoc.step(self.bind(params), checked=False)
             return False
-        return self.fold(params)
+        folded = self.fold(params)
+        if self._posthoc is not None and folded:
+            self._posthoc.step(self.bind(params), checked=True)
+        return folded
 
     def fold(self, params: Params) -> bool:
         """Fold the current iterate now, whatever the step cadence (GluonTS's ``update_average``).
@@ -264,6 +285,8 @@ class Averager:
         folded = fold and self.schedule.averaging_started  # replicated: the trigger was agreed
         if folded:
             self.fold(params)
+        if self._posthoc is not None:
+            self.posthoc_epoch_end(params, self._epochs_done, epoch_end_folds="every" if fold else "none")
         self.sync(all_ranks_folded=folded)
         if self._gathers:  # sharded=True is only right if every rank folded the same iterates
             assert self._state is not None and self._source is not None
@@ -280,6 +303,8 @@ class Averager:
         the same point (the epoch-end fold once averaging runs), where the answer is known to be yes everywhere.
         """
         with collectives.phase("sync"):
+            if self._posthoc is not None:
+                self._posthoc.sync()
             if not all_ranks_folded and not collectives.any_rank(self.comm, self._dirty):
                 return
             if self._state is None:
@@ -292,6 +317,36 @@ class Averager:
             self._has_average = self.schedule.average_counter > 0
             self._dirty = False
             self._since_sync = 0
+
+    # -- post-hoc averaging windows (``posthoc=True``, ``core.posthoc``) --------------------------
+    @property
+    def posthoc(self) -> bool:
+        return self._posthoc is not None
+
+    @property
+    def posthoc_keep(self) -> Optional[int]:
+        return None if self._posthoc is None else self._posthoc.keep
+
+    def posthoc_epoch_end(self, params: Params, epoch: int, *, epoch_end_folds: str = "every") -> None:
+        """Record epoch ``epoch``'s prefix (collective; ``epoch_end`` calls it). ``epoch_end_folds`` says which
+        epoch-end iterates a run started there folds: ``"every"`` (GluonTS's recount), ``"first"`` (only the start
+        epoch's: ``recount_epoch_end=False``), ``"none"`` (``epoch_end(fold=False)``)."""
+        if self._posthoc is None:
+            raise ValueError("posthoc_epoch_end needs Averager(..., posthoc=True)")
+        self._posthoc.epoch_end(self.bind(params), int(epoch), epoch_end_folds)
+
+    def posthoc_starts(self) -> List[Tuple[int, int]]:
+        """(start epoch, iterates averaged) of every post-hoc average ``posthoc_average`` can rebuild."""
+        return [] if self._posthoc is None else self._posthoc.available()
+
+    def posthoc_average(self, start_epoch: int) -> Dict[str, np.ndarray]:
+        """The uniform average of the iterates from epoch ``start_epoch``'s end on (``0``: from the first batch) --
+        what an ``AlphaSuffixSchedule`` / ``NTASchedule`` run (``eta=0``) whose trigger fired at that epoch ends
+        with, to within its float32 rounding. name -> array in the parameters' dtypes, identical on every rank.
+        Collective: call on every rank."""
+        if self._posthoc is None:
+            raise ValueError("posthoc_average needs Averager(..., posthoc=True)")
+        return self._posthoc.average(start_epoch)
 
     # -- swapping the averaged weights in and out ------------------------------------------------
     def load_averaged(self, params: Params, *, sync: bool = True) -> bool:
@@ -410,6 +465,8 @@ class Averager:
             assert self._state is not None
             if not self._state.partitioned:  # a sharded state's fingerprint needs the gathered whole (snapshots)
                 out["fingerprint"] = fingerprint_hex(self._state.fingerprint())
+        if self._posthoc is not None:
+            out["posthoc"] = self._posthoc.state()
         return out
 
     def load_state_dict(self, state: Dict[str, Any], tensors: Optional[Mapping[str, np.ndarray]] = None,
@@ -437,13 +494,18 @@ class Averager:
 
     # -- snapshots: rank 0 writes, every rank loads ----------------------------------------------
     def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None,
-                          groups: Optional[List[np.ndarray]] = None
+                          groups: Optional[List[np.ndarray]] = None, *,
+                          checkpoint_dir: Optional[os.PathLike] = None
                           ) -> Tuple[Dict[str, Callable[[Path], None]], Dict[str, Any]]:
         """(files, state record) of this averager for a snapshot; no collective (rank 0 calls it, synced).
         ``averaged`` is the host average when the caller already has it (a sharded state's gathered whole), and
-        ``groups`` the same as layout-order flat buffers (fingerprinted as they are, not flattened into a copy)."""
+        ``groups`` the same as layout-order flat buffers (fingerprinted as they are, not flattened into a copy).
+        ``checkpoint_dir`` (needed with ``posthoc=True``): where the snapshot goes; the post-hoc prefixes not yet
+        written are published next to it first (``<dir>/posthoc/``)."""
         files: Dict[str, Callable[[Path], None]] = {}
         record = self.state_dict()
+        if self._posthoc is not None:
+            files, record["posthoc"] = self._posthoc.snapshot(checkpoint_dir)
         if averaged is None and self.has_average and self._state.partitioned:
             raise RuntimeError("snapshot_contents() of a sharded average needs the gathered average: gather it on "
                                "every rank first (averaged(), collective) and pass it in")
@@ -481,7 +543,7 @@ class Averager:
                 gathered = unflatten_groups(self._state.layout, groups)
 
             def write() -> Path:
-                files, record = self.snapshot_contents(gathered, groups)
+                files, record = self.snapshot_contents(gathered, groups, checkpoint_dir=checkpoint_dir)
                 files.update(extra_files or {})
                 record.update(epoch=epoch, stage=stage, world_size=self.comm.size, comm=self.comm.name,
                               extra=dict(extra_state or {}))
@@ -546,4 +608,7 @@ class Averager:
                         live.load_flat(groups[0])
                     collectives.broadcast_average(self.comm, live)
                 self._has_average = True
+            if self._posthoc is not None:
+                self._posthoc.load(state.get("posthoc"), found.get("snap"),
+                                   int(record.get("epoch", state.get("epochs_done", 0)) or 0))
             return record

@@ -114,4 +114,10 @@ def describe_snapshot(checkpoint_dir: os.PathLike,
                 problems.append(f"the averaged model's fingerprint {actual} != recorded {state['fingerprint']}")
         except (checkpoint.CheckpointError, TensorFileError, ValueError) as exc:
             problems.append(str(exc))
+    if state.get("posthoc"):  # posthoc=True: the starts it names, and that their prefix snapshots verify
+        from .posthoc import describe  # noqa: WPS433 -- posthoc builds on this module
+
+        more, trouble = describe(snap, state)
+        summary.update(more)
+        problems.extend(trouble)
     return summary, problems

@@ -27,11 +27,30 @@ from ._kernel import KERNELS
 from .averaged import Allocator, FoldPlan, FoldResult, HostSyncMixin, Layout, fingerprint, numpy_allocator
 from .partition import Partition
 
-__all__ = ["ShardedState"]
+__all__ = ["ShardedState", "too_large"]
 
 #: Bit masks of (|x|, 2^emax) per float dtype: |x| >= 2^emax iff (bits & ABS) >= BIG (NaN and inf included).
 _LIMITS = {"float16": (np.uint16, 0x7FFF, 0x7800), "float32": (np.uint32, 0x7FFFFFFF, 0x7F000000),
            "float64": (np.uint64, 0x7FFFFFFFFFFFFFFF, 0x7FE0000000000000)}
+
+
+def too_large(plan: FoldPlan, g: int) -> bool:
+    """Whether dtype group ``g`` of ``plan``'s iterate holds a value with ``|x| >= 2^emax`` (NaN and inf included):
+    one read of the iterate, by the C kernel or by numpy with the same verdict. Such an iterate is refused by an
+    in-place fold (here) and by the post-hoc sums (``core.posthoc``), which cannot undo a bad write either."""
+    dt = plan.layout.groups[g]
+    kernel = KERNELS.get(f"inplace_{dt}") if KERNELS else None
+    if kernel is not None:
+        count, ptrs, sizes = plan.kernel_args[g]
+        return bool(kernel(count, ptrs.ctypes.data, sizes.ctypes.data, 0, 0.0, 1))
+    uint, absmask, big = _LIMITS[dt]
+    tmp = plan.scratch[dt]
+    for start, stop, parts in plan.buckets[g]:
+        t = tmp[: stop - start]
+        np.concatenate(parts, out=t)
+        if np.any((t.view(uint) & uint(absmask)) >= uint(big)):
+            return True
+    return False
 
 
 class ShardedState(HostSyncMixin):
@@ -99,19 +118,7 @@ class ShardedState(HostSyncMixin):
         return FoldResult(folded=True, alpha=alpha)
 
     def _too_large(self, plan: FoldPlan, g: int) -> bool:
-        dt = self.layout.groups[g]
-        kernel = KERNELS.get(f"inplace_{dt}") if KERNELS else None
-        if kernel is not None:
-            count, ptrs, sizes = plan.kernel_args[g]
-            return bool(kernel(count, ptrs.ctypes.data, sizes.ctypes.data, 0, 0.0, 1))
-        uint, absmask, big = _LIMITS[dt]
-        tmp = plan.scratch[dt]
-        for start, stop, parts in plan.buckets[g]:
-            t = tmp[: stop - start]
-            np.concatenate(parts, out=t)
-            if np.any((t.view(uint) & uint(absmask)) >= uint(big)):
-                return True
-        return False
+        return too_large(plan, g)
 
     @staticmethod
     def _fold_group(plan: FoldPlan, g: int, alpha: float, a: np.ndarray) -> None:

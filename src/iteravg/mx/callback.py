@@ -119,14 +119,17 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         self._epochs_done = int(state.get("epochs_done", 0))
         self.avg_strategy.load_state_dict(state["averager"])
 
-    def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None
-                          ) -> Tuple[Dict[str, Writer], Dict[str, Any]]:
+    def snapshot_contents(self, averaged: Optional[Dict[str, np.ndarray]] = None, *,
+                          checkpoint_dir: Optional[os.PathLike] = None) -> Tuple[Dict[str, Writer], Dict[str, Any]]:
         """(files, JSON state) for a snapshot written by whoever owns the files (rank 0, after a sync).
 
         Files: ``averaged.safetensors`` (layout names) and ``averaged.params`` (``net.load_parameters``).
         ``averaged``: the average as ``gathered_average()`` returned it on every rank (needed when it is sharded).
+        ``checkpoint_dir``: where the snapshot goes (default: the callback's own); a strategy with ``posthoc=True``
+        publishes its pending per-epoch prefixes next to it (``<dir>/posthoc/``) first.
         """
-        files, record = self.avg_strategy.averager.snapshot_contents(averaged)
+        files, record = self.avg_strategy.averager.snapshot_contents(
+            averaged, checkpoint_dir=self.checkpoint_dir if checkpoint_dir is None else checkpoint_dir)
         record["averager"]["epochs_done"] = self._epochs_done
         averaged = self.avg_strategy.averager.averaged() if averaged is None else averaged
         if averaged is not None:
@@ -202,6 +205,9 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             folded = strategy.averaging_started and (self.recount_epoch_end or not started_before)  # replicated
             if folded:
                 strategy.update_average(training_network, check_arrays=True)
+            if strategy.averager.posthoc:  # the prefix a run started at this epoch would build on (collective)
+                strategy.averager.posthoc_epoch_end(strategy.bind(training_network), epoch_no + 1,
+                                                    epoch_end_folds="every" if self.recount_epoch_end else "first")
             strategy.averager.sync(all_ranks_folded=folded)
             self._epochs_done = epoch_no + 1
             self._checkpoint("epoch_end")

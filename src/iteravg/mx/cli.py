@@ -3,6 +3,7 @@
     iteravg train [--strategy nta|alpha-suffix|poly] [--epochs N] ... [--out RUN_DIR] [--resume]
     horovodrun -np 2 -H localhost:2 iteravg train          # distributed: same command under a launcher
     iteravg inspect RUN_DIR [--json]                       # or RUN_DIR/checkpoints, or one snapshot directory
+    iteravg posthoc RUN_DIR [--json] [--export START OUT]  # a --posthoc run: every averaging start, evaluated
 
 Exit codes: 0 ok; 1 a checkpoint failed verification or training failed; 2 usage error;
 3 stopped by ``ITERAVG_STOP_AFTER_EPOCH`` (a testing switch, after that epoch's checkpoint).
@@ -106,7 +107,7 @@ def _interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="iteravg", description="Distributed model-iteration averaging.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,inspect}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,inspect,posthoc}")
     t = sub.add_parser("train", help="train a model with synchronised iterate averaging", formatter_class=_HelpFormatter,
                        description="Data-parallel training (run it under horovodrun or mpirun for several ranks) "
                                    "with iteration averaging; rank 0 writes checkpoints, report.json, val_loss.png "
@@ -144,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="communicator; auto follows ITERAVG_COMM, then the launcher")
     t.add_argument("--sync", choices=["mean", "broadcast"], default="mean",
                    help="how averaged models are made identical across ranks")
+    t.add_argument("--posthoc", action="store_true",
+                   help="also keep what rebuilds the average from any epoch on, after training (iteravg posthoc; "
+                        "8 bytes per parameter per epoch on disk)")
+    t.add_argument("--posthoc-keep", type=_int_at_least(1), metavar="K",
+                   help="with --posthoc: keep the newest K epochs' prefixes (default: every epoch's)")
     bar = t.add_mutually_exclusive_group()
     bar.add_argument("--no-progress", action="store_true",
                      help="no progress bar (default: a bar on rank 0 when stderr is a terminal, else a log line "
@@ -156,12 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint_dir", metavar="PATH",
                    help="a run directory (its checkpoints/ is used), a checkpoint directory or one snapshot")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    h = sub.add_parser("posthoc", help="evaluate every averaging start of an `iteravg train --posthoc` run",
+                       formatter_class=_HelpFormatter,
+                       description="Rebuild the uniform average from every kept start epoch of a run trained with "
+                                   "--posthoc, evaluate each on the run's validation data (MSE on standardised "
+                                   "targets), print a table marking the schedule's own start and the best one, and "
+                                   "write posthoc.csv and posthoc.png into the run directory. Run it on one process.")
+    h.add_argument("run_dir", metavar="RUN", help="the run directory (report.json, checkpoints/)")
+    h.add_argument("--json", action="store_true",
+                   help='print {"schedule_start", "best_start", "rows": [{"start_epoch", "iterates", "val_mse"}]}')
+    h.add_argument("--export", nargs=2, metavar=("START", "OUT"),
+                   help="instead of evaluating: write the average from epoch START on as a snapshot into the "
+                        "checkpoint directory OUT (net.load_parameters(OUT/averaged.params), iteravg inspect OUT)")
     ap.set_defaults(train_parser=t)
     return ap
 
 
 # -- train ---------------------------------------------------------------------------------------------
-def _make_net(num_features: int, hidden: int, seed: int):
+def make_net(num_features: int, hidden: int, seed: int):
+    """The MLP ``iteravg train`` trains (``--hidden`` units, initialised from ``--seed``); ``iteravg posthoc``
+    rebuilds it from a run's configuration."""
     import mxnet as mx
     from mxnet.gluon import nn
 
@@ -175,10 +195,16 @@ def _make_net(num_features: int, hidden: int, seed: int):
     return net
 
 
+_make_net = make_net  # the older name, used by tests
+
+
 def _strategy(args: argparse.Namespace):
     import iteravg.mx as im
 
-    common = dict(comm=None if args.comm == "auto" else args.comm, sync=args.sync)
+    if args.posthoc_keep is not None and not args.posthoc:
+        raise ValueError("--posthoc-keep needs --posthoc")
+    common = dict(comm=None if args.comm == "auto" else args.comm, sync=args.sync, posthoc=args.posthoc,
+                  posthoc_keep=args.posthoc_keep)
     if args.strategy == "nta":
         return im.NTA(epochs=args.epochs, n=args.nta_n, maximize=args.maximize, last_n_trigger=args.last_n_trigger,
                       eta=args.eta, fallback_alpha=args.fallback_alpha, **common)
@@ -353,7 +379,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
         return _finish(comm, usage_error(prog, f"--batch-size {args.batch_size} is larger than each rank's share of "
                                                f"the training data ({per_rank} rows on {comm.size} rank(s))"))
     out, ckpt = Path(paths["out"]), Path(paths["ckpt"])
-    net = _make_net(ds.num_features, args.hidden, args.seed)
+    net = make_net(ds.num_features, args.hidden, args.seed)
     loss_fn = mx.gluon.loss.L2Loss()  # 0.5 * squared error; every number shown is converted to MSE
 
     def mse(split: Any) -> float:
@@ -443,6 +469,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
         print(report.table(metrics, trigger_epoch=trigger, average_counter=strategy.average_counter,
                            epochs_done=result.epochs_done, more_averaging=_more_averaging(args)))
         print(f"run directory: {out}  (report.json, val_loss.png, val_loss.csv, checkpoints)")
+        if args.posthoc:
+            print(f"post-hoc: `iteravg posthoc {out}` evaluates every averaging start")
     return _finish(comm, 0)
 
 
@@ -531,6 +559,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train":
         return train(args, args.train_parser)
+    if args.command == "posthoc":
+        from iteravg.mx.posthoc_cli import posthoc  # noqa: WPS433
+
+        return posthoc(args)
     return inspect(args)
 
 

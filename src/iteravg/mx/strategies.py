@@ -16,6 +16,8 @@ What is added, all keyword-only and defaulting to GluonTS's behaviour on one pro
 * ``sync_every_batches``: also sync every k folded iterates (0 = only at epoch end and before use).
 * ``sharded``: data-parallel training only -- each rank folds and keeps 1/N of the average, gathered for swaps and
   snapshots (``iteravg.Averager``'s ``sharded``); ``iteravg.gluonts.Trainer`` turns it on unless it is given.
+* ``posthoc``, ``posthoc_keep``: also keep what rebuilds, after training, the average from any epoch on
+  (``iteravg.Averager``'s ``posthoc``; ``iteravg posthoc RUN``; ``docs/posthoc.md``).
 
 The numbers are GluonTS's: the same trigger decisions and ``a += alpha * (x - a)`` in the parameters' dtype.
 """
@@ -60,17 +62,20 @@ class IterationAveragingStrategy:
         sync: str = "mean",
         sync_every_batches: int = 0,
         sharded: Optional[bool] = None,
+        posthoc: bool = False,
+        posthoc_keep: Optional[int] = None,
     ) -> None:
-        self._setup(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches, sharded)
+        self._setup(Schedule(eta=eta), comm, metric_reduce, sync, sync_every_batches, sharded, posthoc, posthoc_keep)
 
     def _setup(self, schedule: Schedule, comm: Any, metric_reduce: str, sync: str, sync_every_batches: int,
-               sharded: Optional[bool]) -> None:
+               sharded: Optional[bool], posthoc: bool = False, posthoc_keep: Optional[int] = None) -> None:
         if sharded is not None and not isinstance(sharded, bool):
             raise ValueError(f"sharded must be None, True or False, got {sharded!r}")
         self._comm_arg = comm if comm is None or isinstance(comm, str) else None  # what serialises
         self._sharded_arg = sharded  # None: the default, which iteravg.gluonts.Trainer turns on
         self.averager = Averager(schedule, comm, metric_reduce=metric_reduce, sync=sync,
-                                 sync_every_batches=sync_every_batches, sharded=bool(sharded), alloc=flat_allocator)
+                                 sync_every_batches=sync_every_batches, sharded=bool(sharded), alloc=flat_allocator,
+                                 posthoc=posthoc, posthoc_keep=posthoc_keep)
         self._binding: Optional[ModelBinding] = None
         self._named: Dict[tuple, Dict[str, mx.nd.NDArray]] = {}  # NDArray views per buffer set, built once
         self._averaged_view = _LiveArrays(self._averaged_arrays)
@@ -98,6 +103,8 @@ class IterationAveragingStrategy:
                       sync_every_batches=self.sync_every_batches)
         if self._sharded_arg is not None:
             kwargs["sharded"] = self._sharded_arg
+        if self.averager.posthoc:
+            kwargs.update(posthoc=True, posthoc_keep=self.averager.posthoc_keep)
         return (), kwargs
 
     # -- GluonTS's attributes (assignable where GluonTS's are) -----------------------------------
@@ -263,8 +270,8 @@ class IterationAveragingStrategy:
     def default_sharded(self, sharded: bool) -> None:
         """Set ``sharded`` unless the user chose it (``iteravg.gluonts.Trainer`` shards by default); only before the
         strategy first saw the model."""
-        if self._sharded_arg is None and self.averager.state is None:
-            self.averager.sharded = bool(sharded)
+        if self._sharded_arg is None and self.averager.state is None and not self.averager.posthoc:
+            self.averager.sharded = bool(sharded)  # posthoc=True keeps whole sums: it stays unsharded
 
     def _averaged_arrays(self) -> Dict[str, mx.nd.NDArray]:
         state = self.averager.state
@@ -326,10 +333,12 @@ class NTA(IterationAveragingStrategy):
         sync: str = "mean",
         sync_every_batches: int = 0,
         sharded: Optional[bool] = None,
+        posthoc: bool = False,
+        posthoc_keep: Optional[int] = None,
     ) -> None:
         schedule = NTASchedule(epochs, n=n, maximize=maximize, last_n_trigger=last_n_trigger, eta=eta,
                                fallback_alpha=fallback_alpha)
-        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches, sharded)
+        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches, sharded, posthoc, posthoc_keep)
 
     _ARGS = {"epochs": "epochs", "n": "n", "maximize": "maximize", "last_n_trigger": "last_n_trigger", "eta": "eta",
              "fallback_alpha": "fallback_alpha"}
@@ -354,9 +363,11 @@ class Alpha_Suffix(IterationAveragingStrategy):  # noqa: N801 -- GluonTS's name
         sync: str = "mean",
         sync_every_batches: int = 0,
         sharded: Optional[bool] = None,
+        posthoc: bool = False,
+        posthoc_keep: Optional[int] = None,
     ) -> None:
         self._setup(AlphaSuffixSchedule(epochs, alpha=alpha, eta=eta), comm, metric_reduce, sync, sync_every_batches,
-                    sharded)
+                    sharded, posthoc, posthoc_keep)
 
     _ARGS = {"epochs": "epochs", "alpha": "alpha", "eta": "eta"}
     alpha_suffix = property(lambda self: self.schedule.alpha_suffix)

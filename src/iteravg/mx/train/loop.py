@@ -279,7 +279,8 @@ class TrainingSnapshots:
                 averaged = self.averaging.gathered_average()
 
             def write() -> None:
-                files, record = self.averaging.snapshot_contents(averaged) if self.averaging is not None else ({}, {})
+                files, record = self.averaging.snapshot_contents(averaged, checkpoint_dir=self.directory) \
+                    if self.averaging is not None else ({}, {})
                 files.update(self.fitter.training_files(last_iterate))
                 record.update(epoch=epoch, stage=stage, world_size=self.fitter.comm.size, comm=self.fitter.comm.name,
                               extra={"training": self.fitter.training_record(self.result, self.config)})
