@@ -66,7 +66,8 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         Restore the averaged model and the strategy's progress from ``checkpoint_dir`` when the network is first
         seen (collective; any number of ranks). The constructor's configuration wins over the checkpoint's.
     recount_epoch_end
-        GluonTS folds the epoch-end iterate again after each batch fold (default True, for parity).
+        GluonTS folds the epoch-end iterate again after each batch fold (default: True, for parity; False for
+        ``EMA``, which GluonTS does not have and which must not count an epoch's last iterate twice).
     keep_checkpoints
         How many snapshots to keep.
     """
@@ -77,7 +78,7 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         *,
         checkpoint_dir: Optional[os.PathLike] = None,
         resume: bool = False,
-        recount_epoch_end: bool = True,
+        recount_epoch_end: Optional[bool] = None,
         keep_checkpoints: int = 2,
     ) -> None:
         if not isinstance(avg_strategy, IterationAveragingStrategy):
@@ -90,6 +91,8 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         self.avg_strategy = avg_strategy
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.resume = bool(resume)
+        if recount_epoch_end is None:
+            recount_epoch_end = not getattr(avg_strategy, "folds_every_step", False)
         self.recount_epoch_end = bool(recount_epoch_end)
         self.keep_checkpoints = int(keep_checkpoints)
         #: The resumed checkpoint's state record, after a resume.

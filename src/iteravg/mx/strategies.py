@@ -381,9 +381,12 @@ class EMA(IterationAveragingStrategy):
     ``1 - decay_k``, ``decay_k = clamp(1 - (1 + k / warmup_gamma) ** -warmup_power, min_decay, decay)`` after
     ``k`` folds (``warmup=False``: ``decay`` throughout); the first fold copies the iterate. There is no trigger.
 
-    Use it with ``ModelIterationAveraging(EMA(...), recount_epoch_end=False)``: GluonTS's default epoch-end
-    re-fold would count each epoch's last iterate twice, which an EMA does not do.
+    ``ModelIterationAveraging(EMA(...))`` does not re-fold the epoch's last iterate at epoch end (GluonTS's recount
+    would count it twice, which an EMA does not do).
     """
+
+    #: Read by ``ModelIterationAveraging``: every step is folded, so the epoch-end recount is off by default.
+    folds_every_step = True
 
     def __init__(
         self,
@@ -398,10 +401,11 @@ class EMA(IterationAveragingStrategy):
         metric_reduce: str = "mean",
         sync: str = "mean",
         sync_every_batches: int = 0,
+        sharded: Optional[bool] = None,
     ) -> None:
         schedule = EMASchedule(decay, min_decay=min_decay, warmup=warmup, warmup_gamma=warmup_gamma,
                                warmup_power=warmup_power, update_after_step=update_after_step)
-        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches)
+        self._setup(schedule, comm, metric_reduce, sync, sync_every_batches, sharded)
 
     _ARGS = {"decay": "decay", "min_decay": "min_decay", "warmup": "warmup", "warmup_gamma": "warmup_gamma",
              "warmup_power": "warmup_power", "update_after_step": "update_after_step"}
