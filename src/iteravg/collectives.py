@@ -46,7 +46,7 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar
 import numpy as np
 
 from . import _faults
-from .comm import Communicator
+from .comm import Communicator, liveness
 from .comm.watchdog import current_phase, get_timeout, phase, set_timeout
 from .core._kernel import scale_and_word_sums
 from .core.averaged import AveragedState, Layout
@@ -137,6 +137,7 @@ def agree(comm: Communicator, error: Optional[BaseException], what: str) -> None
         return
     root = failing[0]
     text = broadcast_bytes(comm, str(error).encode() if comm.rank == root else None, root=root).decode()
+    liveness.mark_orderly_exit()  # every rank raises this error: exiting on it is not a lone rank leaving
     cls = ValueError if flags[root] == 2 else CollectiveError
     msg = f"{what} failed on rank {root}: {text}"
     if error is not None and comm.rank == root:
@@ -368,3 +369,4 @@ def finish(comm: Communicator) -> None:
     """A barrier before a rank may leave: no rank exits while another is still inside a collective."""
     if comm.size > 1:
         comm.barrier(name="iteravg.finish")
+        liveness.mark_orderly_exit()

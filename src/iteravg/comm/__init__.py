@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Union
 
+from .agreement import agreed_backend
 from .base import CommError, Communicator, ReduceOp, describe
 from .local import LocalComm
 from .watchdog import current_phase, get_timeout, phase, set_timeout
@@ -76,8 +77,9 @@ def detect_backend() -> str:
 
 
 def get_comm(backend: Optional[str] = None) -> Communicator:
-    """The process-wide communicator for ``backend`` (default: ``detect_backend()``)."""
-    backend = (backend or detect_backend()).lower()
+    """The process-wide communicator for ``backend`` (default: ``detect_backend()``, agreed by every rank of an
+    ``mpirun`` job: ``agreement.py``)."""
+    backend = (backend or agreed_backend(detect_backend)).lower()
     if backend not in _BACKENDS:
         raise ValueError(f"comm must be one of {', '.join(_BACKENDS)} or a Communicator, got {backend!r}")
     if backend not in _instances:
