@@ -49,6 +49,8 @@ deleted). The older ``crash-before-publish[:NAME]`` makes the writer ``os._exit(
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -74,13 +76,27 @@ FAULT_ENV = _faults.FAULT_ENV
 #: A snapshot's name: ``<word>-<6+ digits>`` as given by the caller, plus ``.<k>`` if that name was taken.
 SNAPSHOT_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9_]*-\d{6,})(?:\.(?P<rev>\d+))?$")
 
-__all__ = ["CheckpointError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file",
+__all__ = ["CheckpointError", "SnapshotWriteError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file",
            "checkpoint_root", "check_writable", "list_snapshots", "record_digest", "FORMAT_VERSION"]
 logger = logging.getLogger("iteravg")
 
 
 class CheckpointError(ValueError):
     """The checkpoint is missing, truncated, corrupted, of another format version, or for another model."""
+
+
+class SnapshotWriteError(CheckpointError):
+    """A snapshot could not be written (disk full, quota exceeded, read-only file system, no permission): nothing
+    was published, ``latest`` still names the previous snapshot, the temporary files are removed. The message names
+    the checkpoint directory, the bytes needed and the bytes free."""
+
+
+#: errno values that mean "the storage refused the write" (not a bug in the writer).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
+               errno.EMLINK, errno.ENAMETOOLONG)
+#: A writer that fails with free space below this (MXNet reports a full disk as "FileStream.Write incomplete",
+#: without an errno) is taken to have hit a full disk.
+_LOW_SPACE = 1 << 20
 
 
 def _umask() -> int:
@@ -120,15 +136,21 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: os.PathLike, data: bytes) -> None:
-    """Write a single file atomically (temp file + fsync + rename) with the user's umask, never world-writable."""
+    """Write a single file atomically (temp file + fsync + rename) with the user's umask, never world-writable.
+    On failure the temp file is removed and the ``OSError`` names ``path``."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _secure(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _secure(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, f"{exc.strerror or exc} (writing {len(data)} bytes)", str(path)) from exc
     _fsync_dir(path.parent)
 
 
@@ -228,12 +250,25 @@ def write_snapshot(
     if not SNAPSHOT_NAME.match(name) or "." in name:
         raise ValueError(f"snapshot name must look like 'epoch-000007' (<word>-<6+ digits>), got {name!r}")
     root = checkpoint_root(checkpoint_dir)
+    made: List[Path] = []  # the temporary directory while it exists; then the published snapshot's path
+    try:
+        return _write(root, name, state, files, keep, made)
+    except Exception as exc:  # noqa: BLE001 -- classified below; anything else is re-raised as it was
+        failure = _write_failure(root, name, exc, made)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _write(root: Path, name: str, state: Dict[str, Any], files: Dict[str, Callable[[Path], None]], keep: int,
+           made: List[Path]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(root)
     final_name, seq = _reserve(root, name)
     names = (name, final_name)
     tmp = root / f".tmp-{final_name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
+    made.append(tmp)
     _secure(tmp, is_dir=True)
     _faults.snapshot_stage("tmp-created", names)
     digests: Dict[str, str] = {}
@@ -259,6 +294,7 @@ def write_snapshot(
     if os.path.lexists(final):  # another writer took the name since _reserve: never overwrite
         raise CheckpointError(f"snapshot {str(final)!r} appeared while writing it; is another job writing here?")
     os.rename(tmp, final)
+    made[:] = [final]  # published: never removed by the failure path
     _fsync_dir(root)
     _faults.snapshot_stage("renamed", names)
     _switch_latest(root, final_name)
@@ -269,6 +305,70 @@ def write_snapshot(
             os.symlink(target, root / link)
     _prune(root, keep, names)
     return final
+
+
+def _free_bytes(path: Path) -> int:
+    for p in [path, *path.parents]:
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return int(st.f_bavail * st.f_frsize)
+    return -1
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, fnames in os.walk(path):
+        for f in fnames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+def _write_failure(root: Path, name: str, exc: BaseException, made: List[Path]) -> Optional[SnapshotWriteError]:
+    """Remove the unpublished temporary directory; if the storage refused the write, the one-line error to raise.
+
+    A failure that is not the storage's (a bug in a writer) returns None: the caller re-raises it unchanged."""
+    free_before = _free_bytes(root)
+    published = [p for p in made if not p.name.startswith(".tmp-")]
+    temporary = [p for p in made if p.name.startswith(".tmp-")]
+    written = sum(_tree_bytes(p) for p in made)
+    for p in temporary:
+        shutil.rmtree(p, ignore_errors=True)
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in DISK_ERRNOS and not (0 <= free_before < _LOW_SPACE and not isinstance(exc, CheckpointError)):
+        return None
+    free = _free_bytes(root)
+    latest = _latest_target(root) if root.is_dir() else None
+    previous = _tree_bytes(root / latest) if latest and (root / latest).is_dir() else 0
+    if code is not None:
+        cause = f"{os.strerror(code).lower()} ({errno.errorcode.get(code, code)})"
+        if getattr(exc, "filename", None):
+            cause += f" at {exc.filename}"
+    else:
+        cause = f"the disk is (nearly) full: {' '.join(str(exc).split())[:200]}"
+    if previous >= written:
+        need = f"it needs about {_human(previous)} (the size of the previous snapshot)" if previous else \
+            "it needs a few bytes"
+    else:
+        need = f"it needs more than {_human(written)} (written before the failure)"
+    if published:
+        outcome = (f"snapshot {published[0].name} is complete, but 'latest' could not be switched to it "
+                   f"(it names {latest})")
+    else:
+        kept = f"'latest' still names {latest}" if latest else "no snapshot was published before"
+        outcome = f"nothing was published, the temporary files were removed, {kept}"
+    return SnapshotWriteError(
+        f"cannot write snapshot {name} into checkpoint_dir {str(root)!r}: {cause}; {need}, {_human(max(free, 0))} "
+        f"free; {outcome}")
 
 
 def _switch_latest(root: Path, name: str) -> None:

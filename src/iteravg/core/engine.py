@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 
 from .. import __version__, checkpoint, collectives
+from ..saving import SaveErrors
 from ..comm import Communicator, resolve_comm
 from .averaged import Allocator, AveragedState, Layout, numpy_allocator
 from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
@@ -110,6 +111,7 @@ class Averager:
         self._dirty = False  # a fold was attempted since the last sync
         self._since_sync = 0
         self._epochs_done = 0
+        self._save_errors = SaveErrors()  # on_save_error="warn": a run of failed snapshots is said once
 
     # -- what users read -------------------------------------------------------------------------
     @property
@@ -378,9 +380,12 @@ class Averager:
 
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
              extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
-             extra_state: Optional[Dict[str, Any]] = None, keep: int = 2) -> Optional[Path]:
+             extra_state: Optional[Dict[str, Any]] = None, keep: int = 2,
+             on_save_error: str = "raise") -> Optional[Path]:
         """Sync, then rank 0 writes an atomic, immutable snapshot (collective: call on every rank). A failed write
-        raises the same error on every rank at once. Returns the snapshot path on rank 0, None elsewhere."""
+        raises the same error on every rank at once -- or, with ``on_save_error="warn"`` and a storage failure (disk
+        full, read-only, ...), is logged once by rank 0 and returns None on every rank (``iteravg.saving``).
+        Returns the snapshot path on rank 0, None elsewhere."""
         epoch = self._epochs_done if epoch is None else int(epoch)
         with collectives.phase(f"save ({stage})"):
             self.sync()
@@ -392,7 +397,8 @@ class Averager:
                               extra=dict(extra_state or {}))
                 return checkpoint.write_snapshot(checkpoint_dir, f"epoch-{epoch:06d}", record, files, keep=keep)
 
-            return collectives.run_on_root(self.comm, write, f"writing the checkpoint to {os.fspath(checkpoint_dir)}")
+            return self._save_errors.run(self.comm, write, f"writing the checkpoint to {os.fspath(checkpoint_dir)}",
+                                         on_save_error)[1]
 
     def load(self, checkpoint_dir: os.PathLike, params: Params, *,
              legacy_reader: Optional[LegacyReader] = None) -> Dict[str, Any]:

@@ -55,6 +55,7 @@ from mxnet import autograd, gluon
 from ... import checkpoint, collectives
 from ..._faults import STOP_ENV, stop_after_epoch
 from ...checkpoint import CheckpointError, read_snapshot
+from ...saving import SaveErrors
 from ...comm import Communicator
 from ..ndarray import numpy_view
 
@@ -250,7 +251,7 @@ class TrainingSnapshots:
     """The loop's checkpoints: rank 0 writes training state and the averaging callback's files in one snapshot."""
 
     def __init__(self, fitter: Fitter, result: FitResult, config: Dict[str, Any], callbacks: Sequence[Any],
-                 directory: os.PathLike, keep: int) -> None:
+                 directory: os.PathLike, keep: int, on_save_error: str = "raise") -> None:
         from ..callback import ModelIterationAveraging  # noqa: WPS433
 
         averaging = [cb for cb in callbacks if isinstance(cb, ModelIterationAveraging)]
@@ -263,6 +264,7 @@ class TrainingSnapshots:
         self.fitter, self.result, self.config = fitter, result, config
         self.averaging = averaging[0] if averaging else None
         self.directory, self.keep = os.fspath(directory), keep
+        self.save_errors = SaveErrors(on_save_error)
         self.last_epoch: Optional[int] = None
 
     def check_writable(self) -> None:
@@ -270,7 +272,8 @@ class TrainingSnapshots:
                                 f"checking that the checkpoint directory {self.directory!r} is writable")
 
     def write(self, stage: str, last_iterate: Optional[Dict[str, mx.nd.NDArray]] = None) -> None:
-        """Collective: the average is synced (agreed), then rank 0 writes; a failure is raised on every rank."""
+        """Collective: the average is synced (agreed), then rank 0 writes; a failure is raised on every rank (or,
+        with ``on_save_error="warn"`` and a storage failure, logged once and retried at the next snapshot)."""
         epoch = self.result.epochs_done
         with collectives.phase(f"checkpoint ({stage})"):
             if self.averaging is not None:
@@ -283,8 +286,9 @@ class TrainingSnapshots:
                               extra={"training": self.fitter.training_record(self.result, self.config)})
                 checkpoint.write_snapshot(self.directory, f"epoch-{epoch:06d}", record, files, keep=self.keep)
 
-            collectives.run_on_root(self.fitter.comm, write, f"writing the checkpoint to {self.directory!r}")
-        self.last_epoch = epoch
+            written, _ = self.save_errors.run(self.fitter.comm, write, f"writing the checkpoint to {self.directory!r}")
+        if written:
+            self.last_epoch = epoch
 
     def write_final(self, net: gluon.Block) -> None:
         """After ``on_train_end``: a snapshot only if the last epoch has none; the network may now hold the
@@ -326,12 +330,14 @@ def fit(
     checkpoint_dir: Optional[os.PathLike] = None,
     keep_checkpoints: int = 2,
     on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
+    on_save_error: str = "raise",
 ) -> FitResult:
     """Train ``net`` (initialised, one forward done) data-parallel across ``comm``'s ranks, calling hooks.
 
     ``callbacks`` are GluonTS-style callbacks. An iteravg ``ModelIterationAveraging`` among them gets the
     loop's training state added to its snapshots; with ``resume_from`` the loop restores it (and the
-    callback, constructed with ``resume=True``, restores the averaging state).
+    callback, constructed with ``resume=True``, restores the averaging state). ``on_save_error``: ``"raise"`` stops
+    training when a snapshot cannot be written (disk full, read-only, ...), ``"warn"`` goes on (``iteravg.saving``).
     """
     from ..callback import ModelIterationAveraging  # noqa: WPS433
 
@@ -344,7 +350,8 @@ def fit(
     result = FitResult()
     config = {"learning_rate": learning_rate, "momentum": momentum, "batch_size": batch_size, "seed": seed}
     if checkpoint_dir is not None:
-        result.snapshots = TrainingSnapshots(fitter, result, config, callbacks, checkpoint_dir, keep_checkpoints)
+        result.snapshots = TrainingSnapshots(fitter, result, config, callbacks, checkpoint_dir, keep_checkpoints,
+                                             on_save_error)
         result.snapshots.check_writable()
     if resume_from is not None:
         training = fitter.restore(resume_from, config)
