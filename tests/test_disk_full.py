@@ -76,7 +76,7 @@ def test_a_snapshot_that_does_not_fit_is_one_clear_error_and_leaves_the_previous
     msg = str(err.value)
     assert "\n" not in msg
     assert f"checkpoint_dir {str(ckpt)!r}" in msg and "no space left on device (ENOSPC)" in msg
-    assert "it needs about" in msg and "(the size of the previous snapshot)" in msg and " free;" in msg
+    assert "it needs about " in msg and "kB, the size of the previous snapshot)" in msg and " free;" in msg
     assert "nothing was published" in msg and "'latest' still names epoch-000002" in msg
     _no_temporaries(ckpt)
     snap, record = read_snapshot(ckpt)  # every file's SHA-256 verified
@@ -179,3 +179,62 @@ def test_every_rank_gets_the_same_error_or_trains_on(tmp_path, small_disk, polic
         assert ranks[1]["written"] == [None] * 6 and ranks[1]["error"] is None  # rank 1 trained on, too
         assert text.count("training goes on without this snapshot") == 1, text[-3000:]
         assert read_snapshot(ckpt)[1]["epoch"] == 6
+
+
+def test_the_mxnet_callback_warns_once_and_writes_again_at_train_end(tmp_path, caplog):
+    """``ModelIterationAveraging(checkpoint_dir=..., on_save_error="warn")``: epoch-end snapshots on a disk too small
+    for them fail (said once); after space is freed, train end writes the snapshot the last epoch did not get."""
+    import mxnet as mx
+
+    import iteravg.mx as ours
+
+    disk = tmp_path / "disk"
+    _mount(disk, "1m")
+    try:
+        net = mx.gluon.nn.Dense(10_000, in_units=1)  # 80 kB of float32 weights and biases per file
+        net.initialize()
+        net(mx.nd.ones((1, 1)))
+        filler = _fill(disk, 250_000)  # one snapshot (averaged.params + averaged.safetensors) fits, two do not
+        strategy = ours.Alpha_Suffix(epochs=3, alpha=1.0, comm="local")
+        cb = ours.ModelIterationAveraging(strategy, checkpoint_dir=disk / "ckpt", on_save_error="warn")
+        with caplog.at_level(logging.WARNING, logger="iteravg"):
+            cb.on_train_start(max_epochs=3)
+            for epoch in range(3):
+                net.weight.set_data(net.weight.data() + 1)
+                cb.on_train_batch_end(training_network=net)
+                cb.on_epoch_end(epoch_no=epoch, epoch_loss=1.0, training_network=net, trainer=None,
+                                best_epoch_info={}, ctx=mx.cpu())
+            filler.unlink()
+            cb.on_train_end(training_network=net, temporary_dir=None)
+        said = [r.getMessage() for r in caplog.records if "training goes on" in r.getMessage()]
+        assert len(said) == 1, said
+        snap, record = read_snapshot(disk / "ckpt")
+        assert record["epoch"] == 3 and record["stage"] == "train_end"
+        _no_temporaries(disk / "ckpt")
+        with pytest.raises(ValueError, match="on_save_error"):
+            ours.ModelIterationAveraging(strategy, checkpoint_dir=disk / "ckpt", on_save_error="never")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_iteravg_train_on_a_full_disk(tmp_path):
+    """The CLI: ``--on-save-error raise`` (default) stops with one line naming the directory, exit 1;
+    ``--on-save-error warn`` trains to the end (exit 0) and says it once."""
+    disk = tmp_path / "disk"
+    _mount(disk, "64k")  # one epoch's snapshot (four small files) fits, two do not
+    try:
+        cmd = [sys.executable, "-m", "iteravg", "train", "--epochs", "4", "--no-progress"]
+        stop = run(cmd + ["--out", str(tmp_path / "a"), "--checkpoint-dir", str(disk / "a")], check=False)
+        assert stop.returncode == 1, stop.stderr[-2000:]
+        errors = [ln for ln in stop.stderr.splitlines() if ln.startswith("iteravg train: error:")]
+        assert len(errors) == 1 and f"checkpoint_dir '{disk / 'a'}'" in errors[0] and " free; " in errors[0]
+        assert "Traceback" not in stop.stderr
+        subprocess.run(["rm", "-rf", str(disk / "a")], check=True)
+        go = run(cmd + ["--out", str(tmp_path / "b"), "--checkpoint-dir", str(disk / "b"), "--on-save-error", "warn"],
+                 check=False)
+        assert go.returncode == 0, go.stderr[-2000:]
+        assert go.stderr.count("training goes on without this snapshot") == 1
+        assert json.loads((tmp_path / "b" / "report.json").read_text())["epochs_done"] == 4
+        assert read_snapshot(disk / "b")[1]["epoch"] == 1
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

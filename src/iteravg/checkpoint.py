@@ -326,11 +326,11 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _human(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit} ({n} bytes)"
-    return f"{n} bytes"
+def _human(n: int, why: str = "") -> str:
+    """``"401067 bytes (401.1 kB, why)"``."""
+    notes = [f"{n / size:.1f} {unit}" for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= size][:1]
+    notes += [why] if why else []
+    return f"{n} bytes" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _write_failure(root: Path, name: str, exc: BaseException, made: List[Path]) -> Optional[SnapshotWriteError]:
@@ -354,12 +354,13 @@ def _write_failure(root: Path, name: str, exc: BaseException, made: List[Path]) 
         if getattr(exc, "filename", None):
             cause += f" at {exc.filename}"
     else:
-        cause = f"the disk is (nearly) full: {' '.join(str(exc).split())[:200]}"
+        last_line = ([ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__])[-1]
+        cause = f"the disk is (nearly) full: {' '.join(last_line.split())[:200]}"
     if previous >= written:
-        need = f"it needs about {_human(previous)} (the size of the previous snapshot)" if previous else \
+        need = f"it needs about {_human(previous, 'the size of the previous snapshot')}" if previous else \
             "it needs a few bytes"
     else:
-        need = f"it needs more than {_human(written)} (written before the failure)"
+        need = f"it needs more than {_human(written, 'written before the failure')}"
     if published:
         outcome = (f"snapshot {published[0].name} is complete, but 'latest' could not be switched to it "
                    f"(it names {latest})")
