@@ -40,10 +40,10 @@ from ..saving import SaveErrors
 from ..comm import Communicator, resolve_comm
 from .averaged import Allocator, AveragedState, Layout, numpy_allocator
 from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
-                      first_layout_difference, flatten_tensors)
+                      first_layout_difference, flatten_tensors, read_averaged)
 from .schedules import Schedule
 from .sources import ArraySource, Params, ParamSource
-from .tensorfile import TensorFileError, load_tensors, save_tensors
+from .tensorfile import save_tensors
 
 __all__ = ["Averager", "ParamSource", "ArraySource", "AVERAGED_FILE", "SYNC_MODES", "describe_snapshot", "fingerprint_hex"]
 
@@ -417,29 +417,21 @@ class Averager:
                 self.comm, collectives.run_on_root(self.comm, read, "reading the checkpoint"))
             src = self.bind(params)
             assert self._state is not None
-            state = averager_record(record)
+            state = averager_record(record, f"checkpoint {os.fspath(checkpoint_dir)}")
             if state.get("layout") is not None and state["layout"] != src.layout.describe():
                 raise checkpoint.CheckpointError(
                     f"checkpoint {os.fspath(checkpoint_dir)} is for another model: "
                     f"{first_layout_difference(state['layout'], src.layout.describe())}")
             try:
                 self.load_state_dict(state)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
                 raise checkpoint.CheckpointError(f"checkpoint {os.fspath(checkpoint_dir)}: {exc}") from exc
             if state.get("has_average"):
                 live = self._state
 
                 def read_tensors() -> None:
                     snap, rec = found["snap"], found["record"]
-                    if (snap / AVERAGED_FILE).is_file():
-                        try:
-                            tensors = load_tensors(snap / AVERAGED_FILE)
-                        except TensorFileError as exc:
-                            raise checkpoint.CheckpointError(str(exc)) from exc
-                    elif legacy_reader is not None:
-                        tensors = legacy_reader(snap, rec)
-                    else:
-                        raise checkpoint.CheckpointError(f"{snap} holds no {AVERAGED_FILE}")
+                    tensors = read_averaged(snap, rec, legacy_reader)  # only a file the record lists and verifies
                     live.load_flat(flatten_tensors(live.layout, tensors, str(snap)))
                     if state.get("fingerprint") and fingerprint_hex(live.fingerprint()) != state["fingerprint"]:
                         raise checkpoint.CheckpointError(f"{snap}: the averaged model does not match the fingerprint "
