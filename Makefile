@@ -10,7 +10,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 export OMPI_MCA_rmaps_base_oversubscribe ?= 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-fast demo bench docs soak clean image test-hosts
+.PHONY: setup test test-fast fuzz demo bench docs soak clean image test-hosts
 
 setup: $(STAMP)
 $(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/torch.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
@@ -24,6 +24,11 @@ test: setup
 ## Single-process tests only (no horovodrun / mpirun jobs).
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank"
+
+## Fuzz the checkpoint readers (hypothesis): 50,000 mutated safetensors headers, 50,000 mutated state records and
+## 5,000 mutated snapshot directories, random seeds (make test runs a fixed 120/120/30 of them).
+fuzz: setup
+	ITERAVG_FUZZ_EXAMPLES=50000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_checkpoints.py
 
 ## The main job: 2-rank data-parallel training with synchronised averaging on the embedded data set.
 demo: setup
