@@ -225,20 +225,19 @@ class AveragedState:
                     break
                 continue
             tmp = plan.scratch[dt]
-            for start, stop, parts in plan.buckets[g]:
-                n = stop - start
-                t = tmp[:n]
-                if alpha == 1.0:
-                    np.concatenate(parts, out=back[start:stop])
-                    t = back[start:stop]
-                else:
-                    np.concatenate(parts, out=t)
-                    np.subtract(t, front[start:stop], out=t)
-                    np.multiply(t, alpha, out=t)
-                    np.add(front[start:stop], t, out=back[start:stop])
-                # A float64 sum of float32/float16 values cannot overflow, so it is finite iff every element is.
-                if finite and not np.isfinite(t.sum(dtype=np.float64)):
-                    finite = False
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, as in C: no warning
+                for start, stop, parts in plan.buckets[g]:
+                    n = stop - start
+                    t = tmp[:n]
+                    if alpha == 1.0:
+                        np.concatenate(parts, out=back[start:stop])
+                    else:
+                        np.concatenate(parts, out=t)
+                        np.subtract(t, front[start:stop], out=t)
+                        np.multiply(t, alpha, out=t)
+                        np.add(front[start:stop], t, out=back[start:stop])
+                    if finite and not _all_finite(back[start:stop]):
+                        finite = False
             if not finite:
                 break
         if not finite:
@@ -257,6 +256,17 @@ class AveragedState:
     def fingerprint(self, word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
         """Cheap 128-bit content fingerprint (see ``fingerprint``) of the current average, as two int64."""
         return fingerprint([self.current(g) for g in range(len(self.layout.groups))], word_sums_of)
+
+
+def _all_finite(result: np.ndarray) -> bool:
+    """Whether every element of a fold's *result* is finite -- what the C kernel checks (a finite increment can still
+    overflow the sum: float16 -19312 + -46208 rounds to -inf). A float64 sum of float16/float32 values cannot
+    overflow, so it is finite iff every element is (one cheap pass); float64 values are tested one by one."""
+    if result.dtype.kind != "f":
+        return True
+    if result.dtype.itemsize < 8:
+        return bool(np.isfinite(result.sum(dtype=np.float64)))
+    return bool(np.isfinite(result).all())
 
 
 def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:
