@@ -44,6 +44,7 @@ test-hosts:
 
 bench: setup
 	$(PY) benchmarks/bench_update.py
+	$(PY) benchmarks/bench_watchdog.py
 	bash launch/horovodrun-local.sh 2 --bench-sync
 
 docs: setup

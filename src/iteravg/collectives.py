@@ -27,7 +27,7 @@ name                        what                                                
 ``iteravg.bcast.*.<i>``     broadcast from rank 0 (``params``, ``resume``)         initial / resumed parameters
 ``iteravg.grad.<i>``        allreduce-mean                                         gradients (mpi4py backend)
 ``iteravg.finish``          barrier                                                before a rank leaves
-``iteravg.watchdog.hello``  allgather of the watchdog's status-socket address      communicator creation
+``iteravg.watchdog.hello``  two allgathers: side-channel key parts, then ports     communicator creation
 ==========================  ====================================================  ============================
 
 Every collective has a deadline (``ITERAVG_COLLECTIVE_TIMEOUT`` seconds, default 300, ``0`` disables, or

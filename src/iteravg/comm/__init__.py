@@ -5,7 +5,7 @@
 1. ``ITERAVG_COMM=horovod|mpi|local`` if set (an explicit choice; failure to create it is an error);
 2. Horovod if the process was started by ``horovodrun`` (``HOROVOD_RANK`` / ``HOROVOD_HOSTNAME`` set);
 3. under plain ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` / ``PMIX_RANK`` set): Horovod if it imports,
-   else mpi4py;
+   else mpi4py -- agreed by every rank before any collective (``agreement.py``);
 4. otherwise the single-process ``LocalComm`` -- no launcher, MPI or Horovod is imported.
 
 Multi-rank communicators run every collective under a deadline (``watchdog.py``: ``ITERAVG_COLLECTIVE_TIMEOUT``,
