@@ -8,6 +8,7 @@ Scenarios (R is the rank that misbehaves; the others wait in a collective from h
   osexit      R calls os._exit(4)
   kill        R sends itself SIGKILL
   thread      an uncaught exception on a non-main thread of R (its main thread goes on sleeping)
+  allexit     every rank calls sys.exit(3) at the same point (as on an error every rank raises alike)
   exit0       R leaves early with sys.exit(0), as a script whose ranks run different numbers of collectives
   validate0   iteravg.Averager: rank 0 validates alone with avg.swapped(params) (sync=True: a collective), the
               others go on to the next epoch end (the README's "validation on rank 0 only" without sync=False)
@@ -63,6 +64,9 @@ def main() -> int:
     me = rank == args.rank
     sc = args.scenario
 
+    if sc == "allexit":
+        stamp()
+        sys.exit(3)
     if sc in ("sysexit", "osexit", "kill", "thread", "exit0"):
         time.sleep(0.3)
         if me:

@@ -12,7 +12,8 @@ once, when the first multi-rank communicator creates its ``Watchdog``:
   would otherwise leave its rank waiting forever).
 * ``sys.exit(n)`` is recorded (Python gives exit handlers no other way to learn the code); at exit, a rank whose
   code is not 0 ends the whole job with that code, so the launcher reports it -- unless the ranks had just agreed to
-  end (``mark_orderly_exit``: ``collectives.finish``'s barrier, or an error every rank raises alike).
+  end (``mark_orderly_exit``: ``collectives.finish``'s barrier, or an error every rank raises alike), or every peer
+  is leaving too within ``watchdog.LEAVE_WAIT_S`` seconds (all ranks exiting on the same error).
 * At exit without such an agreement, the rank also sends every peer an authenticated *bye* notice (its code and
   last collective) over the watchdog's side channel, then closes it: a peer blocked in a collective this rank will
   never join ends the job at once instead of at the deadline (``watchdog.py``).
@@ -37,7 +38,7 @@ class _Leaver(Protocol):
     rank: int
     size: int
 
-    def leaving(self, code: Optional[int], orderly: bool) -> None: ...
+    def leaving(self, code: Optional[int], orderly: bool) -> bool: ...
 
     def end_job(self, code: int, message: str, diagnose: bool = False) -> None: ...
 
@@ -118,12 +119,12 @@ def _at_exit() -> None:
     for wd in list(_registered):
         if wd.size <= 1:
             continue
-        orderly = wd.orderly()
+        end = False
         with contextlib.suppress(Exception):
-            wd.leaving(code, orderly)
-        if code and not orderly:
+            end = wd.leaving(code, wd.orderly())
+        if end and code:
             with contextlib.suppress(Exception):
                 logging.shutdown()
             wd.end_job(code, f"iteravg: rank {wd.rank} of {wd.size} exits with code {code} while the other ranks "
-                             "may still wait for it")
+                             "go on")
             return

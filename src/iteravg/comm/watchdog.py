@@ -67,6 +67,10 @@ CHECK_QUERY_S = 1.5
 REPORT_QUERY_S = 3.0
 #: Seconds a leaving rank spends telling its peers (in parallel).
 BYE_S = 0.5
+#: Seconds a rank leaving with a non-zero code waits for its peers to be leaving too before it ends the job.
+LEAVE_WAIT_S = 2.0
+#: Seconds a rank whose failure follows a peer's exit waits for the launcher to report that exit first.
+LAUNCHER_GRACE_S = 3.0
 _ROW_TAG = "iteravg-watchdog-1"
 
 _hook: contextvars.ContextVar[str] = contextvars.ContextVar("iteravg_hook", default="unknown")
@@ -137,6 +141,7 @@ class PeerView:
     age: float = 0.0
     code: Optional[int] = None
     left_at: float = 0.0
+    refused: bool = False  # its status channel refused the connection: its process is most likely gone
 
 
 def certain_deadlock(views: Dict[int, PeerView], seq: int, age: float) -> bool:
@@ -268,15 +273,40 @@ class Watchdog:
     def orderly(self) -> bool:
         return self._orderly_at == self.seq
 
-    def leaving(self, code: Optional[int], orderly: bool) -> None:
-        """This process is exiting: tell the peers (unless the ranks agreed to end here), then close the channel."""
+    def leaving(self, code: Optional[int], orderly: bool) -> bool:
+        """This process is exiting: tell the peers (unless the ranks agreed to end here), close the channel, and say
+        whether the whole job must end now (with ``code``).
+
+        It must when the code is not 0 and the peers are not leaving too: some peer waits in a collective, or has
+        not begun to exit within ``LEAVE_WAIT_S`` (every rank raising the same agreed error exits within
+        milliseconds; a rank that still computes after that would otherwise run on until it next blocks)."""
         self._exiting = True
-        if not orderly and self._server is not None and self._peers:
-            bye = {"code": code, "last": None if self._last is None else list(self._last), "seq": self.seq,
-                   "at": time.time()}
-            with contextlib.suppress(Exception):
-                query(self._others(), self._key, self.rank, kind="bye", data=bye, timeout=BYE_S)
+        if orderly or self._server is None or not self._peers:
+            self.stop()
+            return False
+        bye = {"code": code, "last": None if self._last is None else list(self._last), "seq": self.seq,
+               "at": time.time()}
+        with contextlib.suppress(Exception):
+            query(self._others(), self._key, self.rank, kind="bye", data=bye, timeout=BYE_S)
+        end = bool(code) and not self._peers_leaving()
         self.stop()
+        return end
+
+    def _peers_leaving(self) -> bool:
+        """Whether every peer is exiting or gone (asked until ``LEAVE_WAIT_S``); False as soon as one waits in a
+        collective this rank never joined. A closed channel counts as gone here: at exit, nothing better is known."""
+        ref = _Current(self.seq + 1, "", "", time.monotonic(), None)  # a collective nobody has begun
+        give_up = time.monotonic() + LEAVE_WAIT_S
+        while True:
+            answers = query(self._others(), self._key, self.rank, timeout=CHECK_QUERY_S)
+            views = [PeerView(r, "gone", "") if ans.error == "refused" else self._view(r, ans, ref)
+                     for r, ans in answers.items()]
+            if all(v.kind == "gone" for v in views):
+                return True
+            # A peer inside a collective this rank completed is only finishing it; one inside a later one waits.
+            if any(v.kind in ("same", "other") and v.seq > self.seq for v in views) or time.monotonic() > give_up:
+                return False
+            time.sleep(0.1)
 
     def end_job(self, code: int, message: str, diagnose: bool = False) -> None:
         """Print ``message`` and end the whole job with ``code`` (once, whoever asks first). ``diagnose``: also say
@@ -284,18 +314,26 @@ class Watchdog:
         if not self._ending.acquire(blocking=False):
             return
         lines = [f"{message}; ending the whole job ({self._abort_how}) so the other ranks do not wait for it"]
+        views: Dict[int, PeerView] = {}
         if diagnose:
             with contextlib.suppress(Exception):
-                lines += self._where_everyone_is()
+                more, views = self._where_everyone_is()
+                lines += more
+        dead = [v.rank for v in views.values() if v.kind == "gone" or v.refused]
+        if dead:  # this failure most likely follows theirs: let the launcher report their exit (and code) first
+            lines.append(f"  rank(s) {dead} left first: waiting {LAUNCHER_GRACE_S:g} s for the launcher to report "
+                         "that before ending the job")
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()
+        if dead:
+            time.sleep(LAUNCHER_GRACE_S)
         threading.Timer(15.0, os._exit, args=(code,)).start()  # if the abort itself hangs, leave anyway
         self._abort(code)
         os._exit(code)
 
-    def _where_everyone_is(self) -> List[str]:
+    def _where_everyone_is(self) -> Tuple[List[str], Dict[int, PeerView]]:
         cur, last = self._current, self._last
         if cur is not None:
             mine = f"inside #{cur.seq} {cur.name!r} from hook {cur.hook!r}"
@@ -305,10 +343,12 @@ class Watchdog:
         else:
             mine = "no collective yet"
         lines = [f"  rank {self.rank} (this rank): {mine}"]
+        views: Dict[int, PeerView] = {}
         if self._peers:
             ref = cur if cur is not None else _Current(0, "", "", time.monotonic(), None)
-            lines += [f"  {v.text}" for v in self.observe(ref, CHECK_QUERY_S).values()]
-        return lines
+            views = self.observe(ref, CHECK_QUERY_S)
+            lines += [f"  {v.text}" for v in views.values()]
+        return lines, views
 
     # -- comparing notes -------------------------------------------------------------------------
     def _others(self) -> Dict[int, Tuple[str, int]]:
@@ -329,7 +369,8 @@ class Watchdog:
                                            "refuses connections)")
             why = {"refused": "refused the connection", "bad reply": "answered without the job's key"}.get(
                 ans.error or "", "did not answer")
-            return PeerView(r, "unknown", f"rank {r}: {why} (dead, unreachable, or its process is frozen)")
+            return PeerView(r, "unknown", f"rank {r}: {why} (dead, unreachable, or its process is frozen)",
+                            refused=ans.error == "refused")
         self._answered.add(r)
         st = ans.status
         try:
