@@ -106,6 +106,8 @@ def test_mpi4py_different_collectives_on_two_ranks_are_named(tmp_path):
             or "rank 0: inside another collective #4 'iteravg.dirty' from hook 'on_train_batch_end'" in text), text[-3000:]
     assert "the ranks issued different collectives" in text and "certain deadlock" in text
     assert elapsed < DEADLINE, f"job took {elapsed:.1f} s"
+    print(f"time to failure (different collectives of the same number, mpi4py, deadline {DEADLINE} s): "
+          f"{elapsed:.1f} s")
 
 
 @pytest.mark.multirank

@@ -225,19 +225,20 @@ class AveragedState:
                     break
                 continue
             tmp = plan.scratch[dt]
-            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, as in C: no warning
-                for start, stop, parts in plan.buckets[g]:
-                    n = stop - start
-                    t = tmp[:n]
-                    if alpha == 1.0:
-                        np.concatenate(parts, out=back[start:stop])
-                    else:
-                        np.concatenate(parts, out=t)
-                        np.subtract(t, front[start:stop], out=t)
-                        np.multiply(t, alpha, out=t)
-                        np.add(front[start:stop], t, out=back[start:stop])
-                    if finite and not _all_finite(back[start:stop]):
-                        finite = False
+            for start, stop, parts in plan.buckets[g]:
+                n = stop - start
+                t = tmp[:n]
+                if alpha == 1.0:
+                    np.concatenate(parts, out=back[start:stop])
+                    t = back[start:stop]
+                else:
+                    np.concatenate(parts, out=t)
+                    np.subtract(t, front[start:stop], out=t)
+                    np.multiply(t, alpha, out=t)
+                    np.add(front[start:stop], t, out=back[start:stop])
+                # The result is checked, as the C kernel checks it (not the increment ``t``): see _all_finite.
+                if finite and not _all_finite(back[start:stop]):
+                    finite = False
             if not finite:
                 break
         if not finite:

@@ -54,7 +54,7 @@ from mxnet import autograd, gluon
 
 from ... import checkpoint, collectives
 from ..._faults import STOP_ENV, stop_after_epoch
-from ...checkpoint import CheckpointError, read_snapshot
+from ...checkpoint import CheckpointError, read_snapshot, read_verified
 from ...saving import SaveErrors
 from ...comm import Communicator
 from ..ndarray import numpy_view
@@ -184,15 +184,23 @@ class Fitter:
 
         def read() -> Dict[str, Any]:
             snap, state = read_snapshot(checkpoint_dir)  # verifies the SHA-256 of every file
-            training = state.get("extra", {}).get("training")
+            extra = state.get("extra")
+            training = extra.get("training") if isinstance(extra, dict) else None
             if not isinstance(training, dict) or TRAINING_FILE not in state.get("files", {}):
                 raise CheckpointError(f"checkpoint {checkpoint_dir} holds no training state (last iterate, optimizer) "
                                       "to resume from; was it written by another program?")
+            _check_training_record(training, f"checkpoint {checkpoint_dir}")
             for key, fname in (("params", TRAINING_FILE), ("momentum", OPTIMIZER_FILE)):
+                data = read_verified(snap, state, fname)  # only a listed file, checked on the bytes loaded
                 try:
-                    arrays[key] = mx.nd.load(str(snap / fname))
+                    loaded = mx.nd.load_frombuffer(data)
                 except mx.base.MXNetError as exc:
                     raise CheckpointError(f"{snap / fname} is not a readable MXNet parameter file") from exc
+                if loaded == []:  # MXNet saves an empty dict (no momentum) as an empty list
+                    loaded = {}
+                if not isinstance(loaded, dict):
+                    raise CheckpointError(f"{snap / fname} holds a list of arrays, expected named ones")
+                arrays[key] = loaded
             return dict(training, world_size=state.get("world_size"))
 
         training = collectives.broadcast_json(self.comm, collectives.run_on_root(self.comm, read, "reading training state"))
@@ -245,6 +253,21 @@ class Fitter:
             collectives.allreduce_mean_arrays(self.comm, self._grad_views, self._grads)
         self.trainer.step(len(yb))
         return float(loss.sum().asscalar())
+
+
+def _check_training_record(training: Dict[str, Any], where: str) -> None:
+    """The loop's part of a snapshot record, field by field (a record from disk is untrusted)."""
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+
+    counts = training.get("index_update_count")
+    ok = (is_count(training.get("epochs_done")) and is_count(training.get("num_update"))
+          and isinstance(training.get("history"), list) and all(isinstance(h, dict) for h in training["history"])
+          and isinstance(counts, dict) and all(k.isdigit() and len(k) < 19 and is_count(v) for k, v in counts.items())
+          and isinstance(training.get("config", {}), dict))
+    if not ok:
+        raise CheckpointError(f"{where}: the training state (epochs_done, num_update, history, index_update_count) "
+                              "is malformed")
 
 
 class TrainingSnapshots:
