@@ -200,3 +200,14 @@ def test_agreement_rule():
     # The message is computed from the gathered rows only: every rank raises the same text.
     a = pytest.raises(CommError, decide, json.loads(json.dumps(rows))).value
     assert str(a) == str(pytest.raises(CommError, decide, rows).value)
+
+
+# -- liveness: the exit code a leaving rank reports ------------------------------------------------------------------
+@pytest.mark.parametrize("status,code", [(None, 0), (0, 0), (3, 3), (256 + 4, 4), ("bye", 1), (True, 1), (False, 0)])
+def test_the_recorded_exit_code_is_the_interpreters(status, code):
+    """``sys.exit(status)`` exits with this code (checked against a real interpreter)."""
+    from iteravg.comm import liveness
+
+    assert liveness.exit_code_of(status) == code
+    real = subprocess.run([sys.executable, "-c", f"import sys; sys.exit({status!r})"], capture_output=True)
+    assert real.returncode == code

@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import Any, List, Optional, Protocol
 
-__all__ = ["register", "mark_orderly_exit", "requested_exit_code"]
+__all__ = ["register", "mark_orderly_exit", "requested_exit_code", "exit_code_of"]
 
 
 class _Leaver(Protocol):
@@ -91,14 +91,16 @@ def mark_orderly_exit() -> None:
 
 def requested_exit_code() -> Optional[int]:
     """The exit code of the last ``sys.exit`` call, as the interpreter will compute it (None: not called)."""
-    if not _requested:
-        return None
-    status = _requested[-1]
+    return exit_code_of(_requested[-1]) if _requested else None
+
+
+def exit_code_of(status: Any) -> int:
+    """The process exit code ``sys.exit(status)`` gives."""
     if status is None:
         return 0
-    if isinstance(status, bool) or not isinstance(status, int):
+    if not isinstance(status, int):  # (bool is an int: sys.exit(False) exits 0)
         return 1  # sys.exit("message") prints the message and exits 1
-    return status & 0xFF
+    return int(status) & 0xFF
 
 
 def _recording_exit(status: Any = None) -> None:
