@@ -31,7 +31,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import iteravg  # noqa: E402
 from iteravg import checkpoint  # noqa: E402
-from iteravg.checkpoint import LATEST, STATE_FILE, CheckpointError, parse_record, read_snapshot, record_digest  # noqa: E402
+from iteravg.checkpoint import (LATEST, STATE_FILE, CheckpointError, parse_record, read_snapshot,  # noqa: E402
+                                record_digest)
 from iteravg.core.records import AVERAGED_FILE, averager_record, describe_snapshot  # noqa: E402
 from iteravg.core.tensorfile import parse_tensors  # noqa: E402
 

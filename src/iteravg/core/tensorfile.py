@@ -125,7 +125,8 @@ def parse_tensors(data: bytes, where: str = "tensor file") -> Dict[str, np.ndarr
         raise TensorFileError(f"{where}: {len(body) - position} bytes after the last tensor belong to no tensor")
     out: Dict[str, np.ndarray] = {}
     for start, stop, name, dtype, shape in entries:
-        out[name] = np.frombuffer(body[start:stop], dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+        raw = np.frombuffer(body[start:stop], dtype=dtype)
+        out[name] = raw.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
     return out
 
 
