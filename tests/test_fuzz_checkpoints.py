@@ -74,7 +74,7 @@ def _mutate(data: Any, obj: Any) -> Any:
         paths = _paths(obj)
         path = data.draw(st.sampled_from(paths), label="path")
         action = data.draw(st.sampled_from(["replace", "delete", "add"]), label="action")
-        value = data.draw(JSON, label="value")
+        value = copy.deepcopy(data.draw(JSON, label="value"))  # INTERESTING's lists must stay as they are
         if not path:
             obj = value if action == "replace" else obj
             continue
