@@ -72,7 +72,8 @@ def register(watchdog: _Leaver) -> None:
         try:
             previous_thread(args)
         finally:
-            if args.exc_type is not SystemExit:
+            # After the ranks agreed to end, a thread dying at shutdown is no reason to fail the job.
+            if args.exc_type is not SystemExit and not all(wd.orderly() for wd in _registered):
                 name = getattr(args.thread, "name", "?")
                 _end_all(1, f"uncaught {args.exc_type.__name__} on thread {name!r}")
 
