@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import iteravg  # noqa: E402
@@ -113,6 +113,11 @@ def _damage(data: Any, raw: bytes) -> bytes:
 def _one_line(exc: BaseException) -> None:
     assert isinstance(exc, CheckpointError), f"{type(exc).__name__}: {exc}"
     assert "\n" not in str(exc), str(exc)
+    event("refused")  # --hypothesis-show-statistics shows how many inputs were refused and how many read
+
+
+def _read() -> None:
+    event("read")
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +157,7 @@ def _check_tensors(raw: bytes) -> None:
         _one_line(exc)
         return
     assert sum(a.nbytes for a in out.values()) <= len(raw)  # nothing beyond the file's own bytes
+    _read()
 
 
 @FUZZ
@@ -209,6 +215,8 @@ def _check_record(raw: bytes) -> None:
         averager_record(record)
     except Exception as exc:  # noqa: BLE001 -- the property: only CheckpointError
         _one_line(exc)
+        return
+    _read()
 
 
 @FUZZ
@@ -271,5 +279,7 @@ def test_fuzzed_snapshot_directories(base, data, tmp_path_factory):
                 read()
             except Exception as exc:  # noqa: BLE001 -- the property: only CheckpointError
                 _one_line(exc)
+                continue
+            _read()
     finally:
         shutil.rmtree(work, ignore_errors=True)
