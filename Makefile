@@ -10,7 +10,7 @@ export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM ?= 1
 export OMPI_MCA_rmaps_base_oversubscribe ?= 1
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test test-fast demo bench docs soak study clean image test-hosts
+.PHONY: setup test test-fast fuzz demo bench docs soak study clean image test-hosts
 
 setup: $(STAMP)
 $(STAMP): scripts/install.sh requirements/base.txt requirements/dev.txt requirements/study.txt requirements/torch.txt requirements/lightning.txt pyproject.toml setup.py src/iteravg/core/_foldkernel.c src/iteravg/mx/_ndkernel.c
@@ -24,6 +24,11 @@ test: setup
 ## Single-process tests only (no horovodrun / mpirun jobs).
 test-fast: setup
 	$(PY) -m pytest -q -m "not multirank"
+
+## Fuzz the checkpoint readers (hypothesis): 50,000 mutated safetensors headers, 50,000 mutated state records and
+## 5,000 mutated snapshot directories, random seeds (make test runs a fixed 120/120/30 of them).
+fuzz: setup
+	ITERAVG_FUZZ_EXAMPLES=50000 $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_checkpoints.py
 
 ## The main job: 2-rank data-parallel training with synchronised averaging on the embedded data set, then every
 ## averaging start it could have taken, evaluated after training (post-hoc averaging windows).
@@ -42,6 +47,7 @@ test-hosts:
 bench: setup
 	$(PY) benchmarks/bench_update.py
 	$(PY) benchmarks/bench_posthoc.py
+	$(PY) benchmarks/bench_watchdog.py
 	bash launch/horovodrun-local.sh 2 --bench-sync
 	$(PY) benchmarks/bench_torch.py
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 benchmarks/bench_torch.py --sync

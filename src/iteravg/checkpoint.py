@@ -49,12 +49,15 @@ deleted). The older ``crash-before-publish[:NAME]`` makes the writer ``os._exit(
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -74,13 +77,28 @@ FAULT_ENV = _faults.FAULT_ENV
 #: A snapshot's name: ``<word>-<6+ digits>`` as given by the caller, plus ``.<k>`` if that name was taken.
 SNAPSHOT_NAME = re.compile(r"^(?P<base>[a-z][a-z0-9_]*-\d{6,})(?:\.(?P<rev>\d+))?$")
 
-__all__ = ["CheckpointError", "atomic_write", "write_snapshot", "read_snapshot", "resolve_snapshot", "sha256_file",
-           "checkpoint_root", "check_writable", "list_snapshots", "remove_snapshots", "record_digest", "FORMAT_VERSION"]
+__all__ = ["CheckpointError", "SnapshotWriteError", "atomic_write", "write_snapshot", "read_snapshot", "read_verified",
+           "parse_record", "check_file_name", "resolve_snapshot", "sha256_file", "checkpoint_root", "check_writable",
+           "list_snapshots", "remove_snapshots", "record_digest", "FORMAT_VERSION"]
 logger = logging.getLogger("iteravg")
 
 
 class CheckpointError(ValueError):
     """The checkpoint is missing, truncated, corrupted, of another format version, or for another model."""
+
+
+class SnapshotWriteError(CheckpointError):
+    """A snapshot could not be written (disk full, quota exceeded, read-only file system, no permission): nothing
+    was published, ``latest`` still names the previous snapshot, the temporary files are removed. The message names
+    the checkpoint directory, the bytes needed and the bytes free."""
+
+
+#: errno values that mean "the storage refused the write" (not a bug in the writer).
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG,
+               errno.EMLINK, errno.ENAMETOOLONG)
+#: A writer that fails with free space below this (MXNet reports a full disk as "FileStream.Write incomplete",
+#: without an errno) is taken to have hit a full disk.
+_LOW_SPACE = 1 << 20
 
 
 def _umask() -> int:
@@ -120,15 +138,21 @@ def sha256_file(path: Path) -> str:
 
 
 def atomic_write(path: os.PathLike, data: bytes) -> None:
-    """Write a single file atomically (temp file + fsync + rename) with the user's umask, never world-writable."""
+    """Write a single file atomically (temp file + fsync + rename) with the user's umask, never world-writable.
+    On failure the temp file is removed and the ``OSError`` names ``path``."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    _secure(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _secure(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(exc.errno, f"{exc.strerror or exc} (writing {len(data)} bytes)", str(path)) from exc
     _fsync_dir(path.parent)
 
 
@@ -180,7 +204,7 @@ def _read_ledger(root: Path) -> List[Tuple[int, str]]:
     out = []
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 2 and parts[0].isdigit() and SNAPSHOT_NAME.match(parts[1]):
+        if len(parts) == 2 and parts[0].isdigit() and len(parts[0]) <= 18 and SNAPSHOT_NAME.match(parts[1]):
             out.append((int(parts[0]), parts[1]))
     return out
 
@@ -203,12 +227,18 @@ def _reserve(root: Path, base: str) -> Tuple[str, int]:
     return name, seq
 
 
-def _seq_of(snap: Path) -> int:
+def _peek_record(path: Path) -> Optional[Dict[str, Any]]:
+    """A state record's JSON object if ``path`` holds one (no verification; never raises): for listing."""
     try:
-        record = json.loads((snap / STATE_FILE).read_text(encoding="utf-8"))
-        return int(record.get("seq", 0)) if isinstance(record, dict) else 0
-    except (OSError, ValueError, TypeError):
-        return 0
+        record = json.loads(_read_regular(path, MAX_RECORD_BYTES).decode("utf-8"))
+    except (CheckpointError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _seq_of(snap: Path) -> int:
+    seq = (_peek_record(snap / STATE_FILE) or {}).get("seq", 0)
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**62 else 0
 
 
 def write_snapshot(
@@ -228,12 +258,25 @@ def write_snapshot(
     if not SNAPSHOT_NAME.match(name) or "." in name:
         raise ValueError(f"snapshot name must look like 'epoch-000007' (<word>-<6+ digits>), got {name!r}")
     root = checkpoint_root(checkpoint_dir)
+    made: List[Path] = []  # the temporary directory while it exists; then the published snapshot's path
+    try:
+        return _write(root, name, state, files, keep, made)
+    except Exception as exc:  # noqa: BLE001 -- classified below; anything else is re-raised as it was
+        failure = _write_failure(root, name, exc, made)
+        if failure is None:
+            raise
+        raise failure from exc
+
+
+def _write(root: Path, name: str, state: Dict[str, Any], files: Dict[str, Callable[[Path], None]], keep: int,
+           made: List[Path]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(root)
     final_name, seq = _reserve(root, name)
     names = (name, final_name)
     tmp = root / f".tmp-{final_name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
+    made.append(tmp)
     _secure(tmp, is_dir=True)
     _faults.snapshot_stage("tmp-created", names)
     digests: Dict[str, str] = {}
@@ -259,6 +302,7 @@ def write_snapshot(
     if os.path.lexists(final):  # another writer took the name since _reserve: never overwrite
         raise CheckpointError(f"snapshot {str(final)!r} appeared while writing it; is another job writing here?")
     os.rename(tmp, final)
+    made[:] = [final]  # published: never removed by the failure path
     _fsync_dir(root)
     _faults.snapshot_stage("renamed", names)
     _switch_latest(root, final_name)
@@ -269,6 +313,71 @@ def write_snapshot(
             os.symlink(target, root / link)
     _prune(root, keep, names)
     return final
+
+
+def _free_bytes(path: Path) -> int:
+    for p in [path, *path.parents]:
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return int(st.f_bavail * st.f_frsize)
+    return -1
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, fnames in os.walk(path):
+        for f in fnames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+def _human(n: int, why: str = "") -> str:
+    """``"401067 bytes (401.1 kB, why)"``."""
+    notes = [f"{n / size:.1f} {unit}" for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= size][:1]
+    notes += [why] if why else []
+    return f"{n} bytes" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _write_failure(root: Path, name: str, exc: BaseException, made: List[Path]) -> Optional[SnapshotWriteError]:
+    """Remove the unpublished temporary directory; if the storage refused the write, the one-line error to raise.
+
+    A failure that is not the storage's (a bug in a writer) returns None: the caller re-raises it unchanged."""
+    free_before = _free_bytes(root)
+    published = [p for p in made if not p.name.startswith(".tmp-")]
+    temporary = [p for p in made if p.name.startswith(".tmp-")]
+    written = sum(_tree_bytes(p) for p in made)
+    for p in temporary:
+        shutil.rmtree(p, ignore_errors=True)
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in DISK_ERRNOS and not (0 <= free_before < _LOW_SPACE and not isinstance(exc, CheckpointError)):
+        return None
+    free = _free_bytes(root)
+    latest = _latest_target(root) if root.is_dir() else None
+    previous = _tree_bytes(root / latest) if latest and (root / latest).is_dir() else 0
+    if code is not None:
+        cause = f"{os.strerror(code).lower()} ({errno.errorcode.get(code, code)})"
+        if getattr(exc, "filename", None):
+            cause += f" at {exc.filename}"
+    else:
+        last_line = ([ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__])[-1]
+        cause = f"the disk is (nearly) full: {' '.join(last_line.split())[:200]}"
+    if previous >= written:
+        need = f"it needs about {_human(previous, 'the size of the previous snapshot')}" if previous else \
+            "it needs a few bytes"
+    else:
+        need = f"it needs more than {_human(written, 'written before the failure')}"
+    if published:
+        outcome = (f"snapshot {published[0].name} is complete, but 'latest' could not be switched to it "
+                   f"(it names {latest})")
+    else:
+        kept = f"'latest' still names {latest}" if latest else "no snapshot was published before"
+        outcome = f"nothing was published, the temporary files were removed, {kept}"
+    return SnapshotWriteError(
+        f"cannot write snapshot {name} into checkpoint_dir {str(root)!r}: {cause}; {need}, {_human(max(free, 0))} "
+        f"free; {outcome}")
 
 
 def _switch_latest(root: Path, name: str) -> None:
@@ -293,6 +402,18 @@ def _latest_target(root: Path) -> Optional[str]:
         return None
 
 
+def _latest_name(root: Path) -> Tuple[Optional[str], Optional[str]]:
+    """(snapshot name ``latest`` names, problem): ``latest`` must name a snapshot directly inside ``root``."""
+    try:
+        text = os.readlink(root / LATEST)
+    except OSError as exc:
+        return None, f"{str(root / LATEST)!r} is not a link to a snapshot ({exc.strerror or exc})"
+    if not SNAPSHOT_NAME.match(text):
+        return None, (f"{str(root / LATEST)!r} points to {text[:200]!r}, which is not a snapshot inside the "
+                      "checkpoint directory")
+    return text, None
+
+
 def list_snapshots(checkpoint_dir: os.PathLike) -> List[Path]:
     """iteravg's own snapshot directories in ``checkpoint_dir``, oldest first (by ``seq``, then name).
 
@@ -314,11 +435,8 @@ def list_snapshots(checkpoint_dir: os.PathLike) -> List[Path]:
 
 
 def _is_iteravg_record(path: Path) -> bool:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("format") == FORMAT
+    record = _peek_record(path)
+    return record is not None and record.get("format") == FORMAT
 
 
 def _prune(root: Path, keep: int, current: Tuple[str, ...]) -> None:
@@ -358,40 +476,116 @@ def remove_snapshots(checkpoint_dir: os.PathLike, keep_names: Any) -> List[str]:
 
 
 # -- reading -------------------------------------------------------------------------------------
-def _load_record(snap: Path, verify: bool) -> Dict[str, Any]:
-    """The snapshot's validated state record; with ``verify`` every file's SHA-256 is checked too."""
-    path = snap / STATE_FILE
+#: A state record larger than this is not one iteravg wrote (a layout of 100 000 tensors is about 10 MB).
+MAX_RECORD_BYTES = 64 << 20
+_HEX = frozenset("0123456789abcdef")
+
+
+def _read_regular(path: Path, limit: Optional[int] = None) -> bytes:
+    """The bytes of a regular file, never through a symbolic link (a snapshot holds none), at most ``limit``."""
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be read: {exc.strerror or exc}"
+        raise CheckpointError(f"{path} {why}") from None
     try:
-        state = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupted?): {exc}") from exc
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path} is not a regular file")
+        if limit is not None and st.st_size > limit:
+            raise CheckpointError(f"{path} is {st.st_size} bytes, more than the {limit} a state record may have")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if limit is not None and len(data) > limit:
+        raise CheckpointError(f"{path} is larger than the {limit} bytes a state record may have")
+    return data
+
+
+def check_file_name(name: object, where: str) -> str:
+    """A file name a record may list: a plain name inside its snapshot (no path, no ``..``, not hidden)."""
+    if (not isinstance(name, str) or not name or len(name) > 255 or name in (".", "..") or name.startswith(".")
+            or any(c in name for c in "/\\\0")):
+        raise CheckpointError(f"{where} lists the file {str(name)[:100]!r}, which is not a plain name inside its "
+                              "snapshot")
+    return name
+
+
+def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key[:80]!r}")
+        out[key] = value
+    return out
+
+
+def parse_record(data: bytes, where: str) -> Dict[str, Any]:
+    """A snapshot's state record from its bytes, checked: JSON object, format and version, record checksum, and the
+    ``files`` table (plain names -> SHA-256 hex digests). Anything else is a ``CheckpointError``."""
+    try:
+        state = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, JSONDecodeError, too many digits
+        raise CheckpointError(f"{where} is not valid JSON (truncated or corrupted?): "
+                              f"{' '.join(str(exc).split())[:200]}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an iteravg averaging state")
-    if state.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{where} is not an iteravg averaging state")
+    version = state.get("format_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{path} has format version {state.get('format_version')!r}; this iteravg reads versions "
+            f"{where} has format version {str(version)[:40]!r}; this iteravg reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     if "record_sha256" in state:
-        if state["record_sha256"] != record_digest(state):
-            raise CheckpointError(f"{path} is corrupted: its record_sha256 does not match its content")
+        try:
+            digest = record_digest(state)
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{where} cannot be checked: {' '.join(str(exc).split())[:200]}") from None
+        if state["record_sha256"] != digest:
+            raise CheckpointError(f"{where} is corrupted: its record_sha256 does not match its content")
     else:
         logger.warning("iteravg: %s has no record_sha256 (written by an older iteravg); its files are still "
-                       "SHA-256 verified", path)
+                       "SHA-256 verified", where)
+    files = state.get("files", {})
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{where}: 'files' must map file names to SHA-256 digests")
+    for fname, digest in files.items():
+        check_file_name(fname, where)
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+            raise CheckpointError(f"{where}: the SHA-256 of {fname!r} is not 64 hex digits")
+    return state
+
+
+def _load_record(snap: Path, verify: bool) -> Dict[str, Any]:
+    """The snapshot's validated state record; with ``verify`` every file's SHA-256 is checked too."""
+    path = snap / STATE_FILE
+    state = parse_record(_read_regular(path, MAX_RECORD_BYTES), str(path))
     if verify:
         for fname, digest in state.get("files", {}).items():
             fpath = snap / fname
-            if not fpath.is_file():
+            if not os.path.lexists(fpath):
                 raise CheckpointError(f"checkpoint file {fpath} is missing")
-            actual = sha256_file(fpath)
+            actual = hashlib.sha256(_read_regular(fpath)).hexdigest()
             if actual != digest:
                 raise CheckpointError(f"checkpoint file {fpath} is corrupted (SHA-256 {actual[:12]}..., "
                                       f"state file says {digest[:12]}...)")
     return state
+
+
+def read_verified(snap: os.PathLike, record: Dict[str, Any], name: str) -> bytes:
+    """The bytes of file ``name`` of snapshot ``snap`` -- only if its record lists it, and only once they match the
+    recorded SHA-256 (checked on the very bytes returned). ``CheckpointError`` otherwise."""
+    files = record.get("files", {})
+    if not isinstance(files, dict) or name not in files:
+        raise CheckpointError(f"{snap} holds no {name} that its state record lists")
+    path = Path(snap) / check_file_name(name, str(snap))
+    data = _read_regular(path)
+    if hashlib.sha256(data).hexdigest() != files[name]:
+        raise CheckpointError(f"checkpoint file {path} is corrupted (its SHA-256 does not match the state record)")
+    return data
 
 
 def _select(checkpoint_dir: os.PathLike, verify: bool) -> Tuple[Path, Dict[str, Any]]:
@@ -404,11 +598,14 @@ def _select(checkpoint_dir: os.PathLike, verify: bool) -> Tuple[Path, Dict[str, 
     failure: Optional[str] = None
     tried: Optional[str] = None
     if os.path.lexists(root / LATEST):
-        tried = _latest_target(root)
-        target = root / LATEST
         try:
-            if not target.is_dir():
-                raise CheckpointError(f"{str(target)!r} names {tried!r}, which does not exist")
+            tried, problem = _latest_name(root)
+            if problem:
+                raise CheckpointError(problem)
+            assert tried is not None
+            target = root / tried
+            if target.is_symlink() or not target.is_dir():
+                raise CheckpointError(f"{str(root / LATEST)!r} names {tried!r}, which does not exist")
             return target.resolve(), _load_record(target, verify)
         except CheckpointError as exc:
             failure = str(exc)
@@ -442,5 +639,5 @@ def read_snapshot(checkpoint_dir: os.PathLike, verify: bool = True) -> Tuple[Pat
 def latest_epoch(checkpoint_dir: os.PathLike) -> Optional[int]:
     try:
         return int(read_snapshot(checkpoint_dir, verify=False)[1].get("epoch"))
-    except (CheckpointError, TypeError, ValueError):
+    except (CheckpointError, TypeError, ValueError, OverflowError):
         return None

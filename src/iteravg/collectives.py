@@ -38,7 +38,7 @@ name                        what                                                
 ``iteravg.bcast.*.<i>``     broadcast from rank 0 (``params``, ``resume``)         initial / resumed parameters
 ``iteravg.grad.<i>``        allreduce-mean                                         gradients (mpi4py backend)
 ``iteravg.finish``          barrier                                                before a rank leaves
-``iteravg.watchdog.hello``  allgather of the watchdog's status-socket address      communicator creation
+``iteravg.watchdog.hello``  two allgathers: side-channel key parts, then ports     communicator creation
 ==========================  ====================================================  ============================
 
 Every collective has a deadline (``ITERAVG_COLLECTIVE_TIMEOUT`` seconds, default 300, ``0`` disables, or
@@ -57,7 +57,8 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, TypeVar
 import numpy as np
 
 from . import _faults
-from .comm import Communicator
+from .checkpoint import CheckpointError, SnapshotWriteError
+from .comm import Communicator, liveness
 from .comm.watchdog import current_phase, get_timeout, phase, set_timeout
 from .core._kernel import segment_fingerprints
 from .core.averaged import AveragedState, Layout, fingerprint
@@ -135,25 +136,35 @@ def consensus_metric(comm: Communicator, value: Any, reduce: str = "mean") -> fl
 def agree(comm: Communicator, error: Optional[BaseException], what: str) -> None:
     """Make a per-rank failure everybody's: if any rank has ``error``, every rank raises the same error.
 
-    The raised exception is ``ValueError`` if the first failing rank's was one, else ``CollectiveError``;
-    its message names that rank.
+    The raised exception is ``SnapshotWriteError``, ``CheckpointError`` or ``ValueError`` if the first failing rank's
+    was one (the most specific), else ``CollectiveError``; its message names that rank.
     """
     if comm.size == 1:
         if error is not None:
             raise error
         return
-    flags = comm.allgather(np.array([0 if error is None else 1 + isinstance(error, ValueError)], dtype=np.int32),
+    flags = comm.allgather(np.array([0 if error is None else 1 + _agreed_class(error)], dtype=np.int32),
                            name="iteravg.agree")[:, 0]
     failing = [r for r in range(comm.size) if flags[r]]
     if not failing:
         return
     root = failing[0]
     text = broadcast_bytes(comm, str(error).encode() if comm.rank == root else None, root=root).decode()
-    cls = ValueError if flags[root] == 2 else CollectiveError
+    liveness.mark_orderly_exit()  # every rank raises this error: exiting on it is not a lone rank leaving
+    cls = _AGREED_CLASSES[min(int(flags[root]) - 1, len(_AGREED_CLASSES) - 1)]
     msg = f"{what} failed on rank {root}: {text}"
     if error is not None and comm.rank == root:
         raise cls(msg) from error
     raise cls(msg)
+
+
+#: The classes an agreed error keeps on every rank (the most specific one the failing rank's error is an instance
+#: of); anything else becomes ``CollectiveError``.
+_AGREED_CLASSES = (CollectiveError, ValueError, CheckpointError, SnapshotWriteError)
+
+
+def _agreed_class(error: BaseException) -> int:
+    return max(i for i, cls in enumerate(_AGREED_CLASSES) if i == 0 or isinstance(error, cls))
 
 
 def run_on_root(comm: Communicator, fn: Callable[[], T], what: str, root: int = 0) -> Optional[T]:
@@ -561,3 +572,4 @@ def finish(comm: Communicator) -> None:
     """A barrier before a rank may leave: no rank exits while another is still inside a collective."""
     if comm.size > 1:
         comm.barrier(name="iteravg.finish")
+        liveness.mark_orderly_exit()

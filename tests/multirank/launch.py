@@ -43,6 +43,21 @@ def mpirun(np_: int, args: Sequence[str]) -> List[str]:
     return [mpirun_bin, "-np", str(np_), "--oversubscribe", "--bind-to", "none", sys.executable, *args]
 
 
+#: Every launcher a fault test runs under: name -> (command for ``np`` ranks running ``args``, extra environment).
+#: A launcher added here (e.g. ``torchrun --nproc-per-node N``) is one entry; the tests parametrize over the keys.
+LAUNCHERS = {
+    "mpirun-mpi4py": (lambda np_, args: mpirun(np_, args), {"ITERAVG_COMM": "mpi"}),
+    "horovodrun-mpi": (lambda np_, args: horovodrun(np_, args), {}),
+    "horovodrun-gloo": (lambda np_, args: horovodrun(np_, args, gloo=True), {}),
+}
+
+
+def launch(launcher: str, np_: int, args: Sequence[str]):
+    """(command, extra environment) of a job under ``launcher`` (a key of ``LAUNCHERS``)."""
+    make, env = LAUNCHERS[launcher]
+    return make(np_, list(args)), dict(env)
+
+
 def run(cmd: Sequence[str], timeout: float = 180, env: Optional[dict] = None, check: bool = True):
     proc = subprocess.run(list(cmd), cwd=REPO, env=job_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

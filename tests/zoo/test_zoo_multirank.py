@@ -55,8 +55,6 @@ def test_ranks_hold_identical_averaged_models(jobs, launcher, name, dtype):
     results = [r["cases"][case] for r in reports]
     errors = [r.get("error") for r in results if "error" in r]
     if errors:
-        if launcher == "mpirun-mpi4py" and "float16" in dtype and "MPI_ERR_TYPE" in errors[0]:
-            pytest.xfail(f"float16 allreduce under mpi4py not supported yet (issue 9): {errors[0][:200]}")
         raise AssertionError(f"{case} under {launcher}: {errors}")
     assert results[0]["counter"] == results[1]["counter"] > 1
     assert results[0]["names"] != results[1]["names"]  # other auto names on rank 1, the same model all the same

@@ -6,7 +6,8 @@
 2. ``torch`` if this process already initialised ``torch.distributed``'s default process group (it is reused);
 3. Horovod if the process was started by ``horovodrun`` (``HOROVOD_RANK`` / ``HOROVOD_HOSTNAME`` set);
 4. under plain ``mpirun`` (``OMPI_COMM_WORLD_SIZE`` / ``PMI_SIZE`` / ``PMIX_RANK`` set): Horovod if the binding
-   it would use imports (``horovod.choose_binding``: ``horovod.torch`` unless the job imported MXNet), else mpi4py;
+   it would use imports (``horovod.choose_binding``: ``horovod.torch`` unless the job imported MXNet), else mpi4py
+   -- agreed by every rank before any collective (``agreement.py``);
 5. ``torch`` under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``; world size > 1);
 6. mpi4py inside a SLURM ``srun`` step of more than one task (``SLURM_STEP_NUM_TASKS``) without MPI's variables;
 7. otherwise the single-process ``LocalComm`` -- no launcher, MPI, Horovod or torch is imported.
@@ -29,6 +30,7 @@ import os
 import sys
 from typing import Dict, Optional, Tuple, Union
 
+from .agreement import agreed_backend
 from .base import CommError, Communicator, ReduceOp, describe
 from .local import LocalComm
 from .watchdog import current_phase, get_timeout, phase, set_timeout
@@ -165,12 +167,13 @@ def _check_world(comm: Communicator, backend: str, forced: Optional[str]) -> Non
 
 
 def get_comm(backend: Optional[str] = None) -> Communicator:
-    """The process-wide communicator for ``backend`` (default: ``detect_backend()``).
+    """The process-wide communicator for ``backend`` (default: ``detect_backend()``, agreed by every rank of an
+    ``mpirun`` job: ``agreement.py``).
 
     Raises ``CommError`` when the launcher declares peers that the communicator does not see."""
     forced = "argument" if backend is not None else ("ITERAVG_COMM" if os.environ.get("ITERAVG_COMM", "").strip()
                                                      else None)
-    backend = (backend or detect_backend()).lower()
+    backend = (backend or agreed_backend(detect_backend)).lower()
     if backend not in _BACKENDS:
         raise ValueError(f"comm must be one of {', '.join(_BACKENDS)} or a Communicator, got {backend!r}")
     if backend not in _instances:

@@ -271,8 +271,8 @@ class AveragedState(HostSyncMixin):
                     np.subtract(t, front[start:stop], out=t)
                     np.multiply(t, alpha, out=t)
                     np.add(front[start:stop], t, out=back[start:stop])
-                # A float64 sum of float32/float16 values cannot overflow, so it is finite iff every element is.
-                if finite and not np.isfinite(t.sum(dtype=np.float64)):
+                # The result is checked, as the C kernel checks it (not the increment ``t``): see _all_finite.
+                if finite and not _all_finite(back[start:stop]):
                     finite = False
             if not finite:
                 break
@@ -352,6 +352,17 @@ class AveragedState(HostSyncMixin):
     def flip_lowest_bit(self) -> None:
         """Testing only (``ITERAVG_FAULT=diverge-after-allreduce``): corrupt the first element's lowest bit."""
         self.current(0)[:1].view(np.uint8)[0] ^= 1
+
+
+def _all_finite(result: np.ndarray) -> bool:
+    """Whether every element of a fold's *result* is finite -- what the C kernel checks (a finite increment can still
+    overflow the sum: float16 -19312 + -46208 rounds to -inf). A float64 sum of float16/float32 values cannot
+    overflow, so it is finite iff every element is (one cheap pass); float64 values are tested one by one."""
+    if result.dtype.kind != "f":
+        return True
+    if result.dtype.itemsize < 8:
+        return bool(np.isfinite(result.sum(dtype=np.float64)))
+    return bool(np.isfinite(result).all())
 
 
 def fingerprint(arrays: Sequence[np.ndarray], word_sums_of: Optional[Sequence[Optional[tuple]]] = None) -> np.ndarray:

@@ -36,16 +36,17 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 
 from .. import __version__, checkpoint, collectives
+from ..saving import SaveErrors
 from ..comm import Communicator, resolve_comm
 from .averaged import Allocator, AveragedState, Layout, fingerprint, numpy_allocator
 from .records import (AVERAGED_FILE, LegacyReader, averager_record, describe_snapshot, fingerprint_hex,
-                      first_layout_difference, flatten_tensors, unflatten_groups)
+                      first_layout_difference, flatten_tensors, read_averaged, unflatten_groups)
 from .partition import Partition, equal_slices
 from .posthoc import PosthocTracker, check_posthoc
 from .schedules import Schedule
 from .sharded_state import ShardedState
 from .sources import ArraySource, Params, ParamSource
-from .tensorfile import TensorFileError, load_tensors, save_tensors
+from .tensorfile import save_tensors
 
 __all__ = ["Averager", "ParamSource", "ArraySource", "AVERAGED_FILE", "SYNC_MODES", "describe_snapshot", "fingerprint_hex"]
 
@@ -137,6 +138,7 @@ class Averager:
         self._since_sync = 0
         self._epochs_done = 0
         self._posthoc: Optional[PosthocTracker] = PosthocTracker(self.comm, keep) if posthoc else None
+        self._save_errors = SaveErrors()  # on_save_error="warn": a run of failed snapshots is said once
 
     # -- what users read -------------------------------------------------------------------------
     @property
@@ -529,10 +531,12 @@ class Averager:
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
              extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
              extra_state: Optional[Dict[str, Any]] = None, keep: int = 2,
-             averaged: Optional[Dict[str, np.ndarray]] = None) -> Optional[Path]:
+             averaged: Optional[Dict[str, np.ndarray]] = None, on_save_error: str = "raise") -> Optional[Path]:
         """Sync, then rank 0 writes an atomic, immutable snapshot (collective: call on every rank). A failed write
-        raises the same error on every rank at once. Returns the snapshot path on rank 0, None elsewhere.
-        ``averaged``: the synced, gathered average if the caller already gathered it (a sharded state)."""
+        raises the same error on every rank at once -- or, with ``on_save_error="warn"`` and a storage failure (disk
+        full, read-only, ...), is logged once by rank 0 and returns None on every rank (``iteravg.saving``).
+        Returns the snapshot path on rank 0, None elsewhere. ``averaged``: the synced, gathered average if the
+        caller already gathered it (a sharded state)."""
         epoch = self._epochs_done if epoch is None else int(epoch)
         with collectives.phase(f"save ({stage})"):
             self.sync()
@@ -549,7 +553,8 @@ class Averager:
                               extra=dict(extra_state or {}))
                 return checkpoint.write_snapshot(checkpoint_dir, f"epoch-{epoch:06d}", record, files, keep=keep)
 
-            return collectives.run_on_root(self.comm, write, f"writing the checkpoint to {os.fspath(checkpoint_dir)}")
+            return self._save_errors.run(self.comm, write, f"writing the checkpoint to {os.fspath(checkpoint_dir)}",
+                                         on_save_error)[1]
 
     def load(self, checkpoint_dir: os.PathLike, params: Params, *,
              legacy_reader: Optional[LegacyReader] = None) -> Dict[str, Any]:
@@ -568,14 +573,14 @@ class Averager:
                 self.comm, collectives.run_on_root(self.comm, read, "reading the checkpoint"))
             src = self.bind(params)
             assert self._state is not None
-            state = averager_record(record)
+            state = averager_record(record, f"checkpoint {os.fspath(checkpoint_dir)}")
             if state.get("layout") is not None and state["layout"] != src.layout.describe():
                 raise checkpoint.CheckpointError(
                     f"checkpoint {os.fspath(checkpoint_dir)} is for another model: "
                     f"{first_layout_difference(state['layout'], src.layout.describe())}")
             try:
                 self.load_state_dict(state)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
                 raise checkpoint.CheckpointError(f"checkpoint {os.fspath(checkpoint_dir)}: {exc}") from exc
             if state.get("has_average"):
                 live = self._state
@@ -583,15 +588,7 @@ class Averager:
 
                 def read_tensors() -> None:
                     snap, rec = found["snap"], found["record"]
-                    if (snap / AVERAGED_FILE).is_file():
-                        try:
-                            tensors = load_tensors(snap / AVERAGED_FILE)
-                        except TensorFileError as exc:
-                            raise checkpoint.CheckpointError(str(exc)) from exc
-                    elif legacy_reader is not None:
-                        tensors = legacy_reader(snap, rec)
-                    else:
-                        raise checkpoint.CheckpointError(f"{snap} holds no {AVERAGED_FILE}")
+                    tensors = read_averaged(snap, rec, legacy_reader)  # only a file the record lists and verifies
                     for name in state.get("carried", ()):  # written for strict loads, never averaged
                         tensors.pop(name, None)
                     flat = flatten_tensors(live.layout, tensors, str(snap))

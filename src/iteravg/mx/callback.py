@@ -30,6 +30,7 @@ import numpy as np
 from mxnet import gluon
 
 from .. import checkpoint, collectives
+from ..saving import SaveErrors
 from ..gluonts.guard import check_replicas_in_sync
 from .checkpoint import PARAMS_FILE, legacy_reader, params_writer
 from .strategies import IterationAveragingStrategy
@@ -70,6 +71,10 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         ``EMA``, which GluonTS does not have and which must not count an epoch's last iterate twice).
     keep_checkpoints
         How many snapshots to keep.
+    on_save_error
+        ``"raise"`` (default): a snapshot that cannot be written (disk full, read-only, ...) stops training with the
+        same ``SnapshotWriteError`` on every rank. ``"warn"``: rank 0 says so once, training goes on, and the next
+        snapshot is tried as usual (``iteravg.saving``).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
         resume: bool = False,
         recount_epoch_end: Optional[bool] = None,
         keep_checkpoints: int = 2,
+        on_save_error: str = "raise",
     ) -> None:
         if not isinstance(avg_strategy, IterationAveragingStrategy):
             raise ValueError(f"avg_strategy must be an iteravg.mx strategy (NTA, Alpha_Suffix, ...), got {avg_strategy!r}")
@@ -95,6 +101,7 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             recount_epoch_end = not getattr(avg_strategy, "folds_every_step", False)
         self.recount_epoch_end = bool(recount_epoch_end)
         self.keep_checkpoints = int(keep_checkpoints)
+        self.save_errors = SaveErrors(on_save_error)
         #: The resumed checkpoint's state record, after a resume.
         self.resumed_state: Optional[Dict[str, Any]] = None
         self._started = False
@@ -110,7 +117,8 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
     def __getnewargs_ex__(self) -> Tuple[tuple, Dict[str, Any]]:
         return (self.avg_strategy,), {"checkpoint_dir": self.checkpoint_dir, "resume": self.resume,
                                       "recount_epoch_end": self.recount_epoch_end,
-                                      "keep_checkpoints": self.keep_checkpoints}
+                                      "keep_checkpoints": self.keep_checkpoints,
+                                      "on_save_error": self.save_errors.on_save_error}
 
     # -- Lightning-style state: the trainer may own the files ---------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -251,7 +259,8 @@ class ModelIterationAveraging(_callback_base()):  # type: ignore[misc]
             return checkpoint.write_snapshot(self.checkpoint_dir, f"epoch-{self._epochs_done:06d}", record, files,
                                              keep=self.keep_checkpoints)
 
-        path = collectives.run_on_root(strategy.comm, write, f"writing the checkpoint to {self.checkpoint_dir!r}")
-        self._saved_key = (self._epochs_done, strategy.average_counter)
+        written, path = self.save_errors.run(strategy.comm, write, f"writing the checkpoint to {self.checkpoint_dir!r}")
+        if written:  # else the next epoch end or train end tries again
+            self._saved_key = (self._epochs_done, strategy.average_counter)
         return path
 

@@ -15,7 +15,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ..checkpoint import PARAMS_FILE, CheckpointError
+from ..checkpoint import PARAMS_FILE, CheckpointError, read_verified
 from ..core.engine import fingerprint_hex
 from .strategies import IterationAveragingStrategy
 
@@ -41,8 +41,17 @@ def read_params_file(path: Path) -> Dict[str, np.ndarray]:
 
 
 def legacy_reader(snap: Path, record: Dict[str, Any]) -> Dict[str, np.ndarray]:
-    """Snapshots of iteravg 0.1 hold only ``averaged.params`` (structural names): the engine reads it with this."""
-    return read_params_file(snap / PARAMS_FILE)
+    """Snapshots of iteravg 0.1 hold only ``averaged.params`` (structural names): the engine reads it with this --
+    only if the record lists it, from the very bytes whose SHA-256 was checked."""
+    data = read_verified(snap, record, PARAMS_FILE)
+    try:
+        loaded = mx.nd.load_frombuffer(data)
+    except mx.base.MXNetError as exc:
+        raise CheckpointError(f"{snap / PARAMS_FILE} is not a readable MXNet parameter file: "
+                              f"{str(exc).splitlines()[0]}") from exc
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{snap / PARAMS_FILE} holds a list of arrays, expected named parameters")
+    return {k: v.asnumpy() for k, v in loaded.items()}
 
 
 def save_checkpoint(

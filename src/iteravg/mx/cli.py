@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-dir", help="checkpoint directory (default: <out>/checkpoints)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint directory's latest snapshot up to --epochs")
+    t.add_argument("--on-save-error", choices=["raise", "warn"], default="raise",
+                   help="a snapshot that cannot be written (disk full, read-only): stop (raise) or warn once and go on")
     t.add_argument("--comm", choices=["auto", "horovod", "mpi", "local"], default="auto",
                    help="communicator; auto follows ITERAVG_COMM, then the launcher")
     t.add_argument("--sync", choices=["mean", "broadcast"], default="mean",
@@ -432,7 +434,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser, created: L
         result = fit(net, loss_fn, ds.train, ds.val, comm=comm, callbacks=[callback, resume_point],
                      epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
                      seed=args.seed, resume_from=ckpt if args.resume else None, checkpoint_dir=ckpt,
-                     on_epoch=on_epoch)
+                     on_epoch=on_epoch, on_save_error=args.on_save_error)
     except StoppedEarly as exc:
         _close(bar)
         if rank0:

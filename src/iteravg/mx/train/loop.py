@@ -54,7 +54,8 @@ from mxnet import autograd, gluon
 
 from ... import checkpoint, collectives
 from ..._faults import STOP_ENV, stop_after_epoch
-from ...checkpoint import CheckpointError, read_snapshot
+from ...checkpoint import CheckpointError, read_snapshot, read_verified
+from ...saving import SaveErrors
 from ...comm import Communicator
 from ..ndarray import numpy_view
 
@@ -183,15 +184,23 @@ class Fitter:
 
         def read() -> Dict[str, Any]:
             snap, state = read_snapshot(checkpoint_dir)  # verifies the SHA-256 of every file
-            training = state.get("extra", {}).get("training")
+            extra = state.get("extra")
+            training = extra.get("training") if isinstance(extra, dict) else None
             if not isinstance(training, dict) or TRAINING_FILE not in state.get("files", {}):
                 raise CheckpointError(f"checkpoint {checkpoint_dir} holds no training state (last iterate, optimizer) "
                                       "to resume from; was it written by another program?")
+            _check_training_record(training, f"checkpoint {checkpoint_dir}")
             for key, fname in (("params", TRAINING_FILE), ("momentum", OPTIMIZER_FILE)):
+                data = read_verified(snap, state, fname)  # only a listed file, checked on the bytes loaded
                 try:
-                    arrays[key] = mx.nd.load(str(snap / fname))
+                    loaded = mx.nd.load_frombuffer(data)
                 except mx.base.MXNetError as exc:
                     raise CheckpointError(f"{snap / fname} is not a readable MXNet parameter file") from exc
+                if loaded == []:  # MXNet saves an empty dict (no momentum) as an empty list
+                    loaded = {}
+                if not isinstance(loaded, dict):
+                    raise CheckpointError(f"{snap / fname} holds a list of arrays, expected named ones")
+                arrays[key] = loaded
             return dict(training, world_size=state.get("world_size"))
 
         training = collectives.broadcast_json(self.comm, collectives.run_on_root(self.comm, read, "reading training state"))
@@ -246,11 +255,26 @@ class Fitter:
         return float(loss.sum().asscalar())
 
 
+def _check_training_record(training: Dict[str, Any], where: str) -> None:
+    """The loop's part of a snapshot record, field by field (a record from disk is untrusted)."""
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+
+    counts = training.get("index_update_count")
+    ok = (is_count(training.get("epochs_done")) and is_count(training.get("num_update"))
+          and isinstance(training.get("history"), list) and all(isinstance(h, dict) for h in training["history"])
+          and isinstance(counts, dict) and all(k.isdigit() and len(k) < 19 and is_count(v) for k, v in counts.items())
+          and isinstance(training.get("config", {}), dict))
+    if not ok:
+        raise CheckpointError(f"{where}: the training state (epochs_done, num_update, history, index_update_count) "
+                              "is malformed")
+
+
 class TrainingSnapshots:
     """The loop's checkpoints: rank 0 writes training state and the averaging callback's files in one snapshot."""
 
     def __init__(self, fitter: Fitter, result: FitResult, config: Dict[str, Any], callbacks: Sequence[Any],
-                 directory: os.PathLike, keep: int) -> None:
+                 directory: os.PathLike, keep: int, on_save_error: str = "raise") -> None:
         from ..callback import ModelIterationAveraging  # noqa: WPS433
 
         averaging = [cb for cb in callbacks if isinstance(cb, ModelIterationAveraging)]
@@ -263,6 +287,7 @@ class TrainingSnapshots:
         self.fitter, self.result, self.config = fitter, result, config
         self.averaging = averaging[0] if averaging else None
         self.directory, self.keep = os.fspath(directory), keep
+        self.save_errors = SaveErrors(on_save_error)
         self.last_epoch: Optional[int] = None
 
     def check_writable(self) -> None:
@@ -270,7 +295,8 @@ class TrainingSnapshots:
                                 f"checking that the checkpoint directory {self.directory!r} is writable")
 
     def write(self, stage: str, last_iterate: Optional[Dict[str, mx.nd.NDArray]] = None) -> None:
-        """Collective: the average is synced (agreed), then rank 0 writes; a failure is raised on every rank."""
+        """Collective: the average is synced (agreed), then rank 0 writes; a failure is raised on every rank (or,
+        with ``on_save_error="warn"`` and a storage failure, logged once and retried at the next snapshot)."""
         epoch = self.result.epochs_done
         with collectives.phase(f"checkpoint ({stage})"):
             averaged = None
@@ -286,8 +312,9 @@ class TrainingSnapshots:
                               extra={"training": self.fitter.training_record(self.result, self.config)})
                 checkpoint.write_snapshot(self.directory, f"epoch-{epoch:06d}", record, files, keep=self.keep)
 
-            collectives.run_on_root(self.fitter.comm, write, f"writing the checkpoint to {self.directory!r}")
-        self.last_epoch = epoch
+            written, _ = self.save_errors.run(self.fitter.comm, write, f"writing the checkpoint to {self.directory!r}")
+        if written:
+            self.last_epoch = epoch
 
     def write_final(self, net: gluon.Block) -> None:
         """After ``on_train_end``: a snapshot only if the last epoch has none; the network may now hold the
@@ -329,12 +356,14 @@ def fit(
     checkpoint_dir: Optional[os.PathLike] = None,
     keep_checkpoints: int = 2,
     on_epoch: Optional[Callable[[Dict[str, float]], None]] = None,
+    on_save_error: str = "raise",
 ) -> FitResult:
     """Train ``net`` (initialised, one forward done) data-parallel across ``comm``'s ranks, calling hooks.
 
     ``callbacks`` are GluonTS-style callbacks. An iteravg ``ModelIterationAveraging`` among them gets the
     loop's training state added to its snapshots; with ``resume_from`` the loop restores it (and the
-    callback, constructed with ``resume=True``, restores the averaging state).
+    callback, constructed with ``resume=True``, restores the averaging state). ``on_save_error``: ``"raise"`` stops
+    training when a snapshot cannot be written (disk full, read-only, ...), ``"warn"`` goes on (``iteravg.saving``).
     """
     from ..callback import ModelIterationAveraging  # noqa: WPS433
 
@@ -347,7 +376,8 @@ def fit(
     result = FitResult()
     config = {"learning_rate": learning_rate, "momentum": momentum, "batch_size": batch_size, "seed": seed}
     if checkpoint_dir is not None:
-        result.snapshots = TrainingSnapshots(fitter, result, config, callbacks, checkpoint_dir, keep_checkpoints)
+        result.snapshots = TrainingSnapshots(fitter, result, config, callbacks, checkpoint_dir, keep_checkpoints,
+                                             on_save_error)
         result.snapshots.check_writable()
     if resume_from is not None:
         training = fitter.restore(resume_from, config)
