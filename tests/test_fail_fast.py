@@ -49,9 +49,10 @@ EXITS = {
 }
 
 
-#: Launchers whose own exit status is always 1: how their message names the first failing rank's code. (A torchrun
-#: entry would say how its ChildFailedError report spells it.)
-CODE_IN_MESSAGE = {"horovodrun-gloo": lambda code: f"Exit code: {code}"}
+#: Launchers whose own exit status is always 1: how their message names the first failing rank's code (torchrun's
+#: agent logs each child's code, a signal as its negative number).
+CODE_IN_MESSAGE = {"horovodrun-gloo": lambda code: re.escape(f"Exit code: {code}"),
+                   "torchrun": lambda code: rf"exitcode\s*:\s*{code if code < 128 else 128 - code}\b"}
 
 
 @pytest.mark.parametrize("launcher", list(LAUNCHERS))
@@ -68,7 +69,7 @@ def test_a_rank_that_leaves_ends_the_job_in_seconds_with_its_code(tmp_path, laun
     if scenario == "exit0":  # nobody failed: the waiting rank names the deadlock and the leaver
         assert "rank 1: exited with code 0 after #" in text or "Horovod has been shut down" in text, text[-3000:]
     elif launcher in CODE_IN_MESSAGE:  # the launcher exits 1 whatever happened, and names the first failing code
-        assert CODE_IN_MESSAGE[launcher](code) in text, text[-3000:]
+        assert re.search(CODE_IN_MESSAGE[launcher](code), text), text[-3000:]
     else:
         assert proc.returncode == code, f"{launcher} exited {proc.returncode}, not {code}\n{text[-3000:]}"
     print(f"time to failure ({scenario}, {launcher}): {elapsed:.1f} s, exit code {proc.returncode}")
@@ -92,8 +93,10 @@ def test_different_collectives_end_the_job_in_seconds(tmp_path, launcher, scenar
     assert elapsed <= BOUND, f"{scenario} under {launcher}: the job took {elapsed:.1f} s to end\n{text[-3000:]}"
     # Each rank's collective and hook are named: by the watchdog ("certain deadlock"), or -- when MPI itself
     # fails first on the mismatched buffers -- by the failing rank's diagnosis.
-    for r in range(2):
-        assert re.search(rf"rank {r}\b[^\n]*#\d+ 'iteravg\.[a-z0-9.]+' from hook 'on_[a-z_]+", text), text[-3000:]
+    # Gloo under torchrun aborts a rank inside the mismatched collective itself (SIGABRT, no Python runs after it):
+    # the survivor's diagnosis names its own collective and the dead rank.
+    named = [r for r in range(2) if re.search(rf"rank {r}\b[^\n]*#\d+ 'iteravg\.[a-z0-9.]+' from hook 'on_[a-z_]+", text)]
+    assert named == [0, 1] or (launcher == "torchrun" and named), text[-3000:]
     assert "certain deadlock" in text or "(this rank): not inside any collective; the last" in text, text[-3000:]
     print(f"time to failure ({scenario}, {launcher}): {elapsed:.1f} s")
 

@@ -38,6 +38,11 @@ def horovodrun(np_: int, args: Sequence[str], gloo: bool = False) -> List[str]:
     return cmd + [sys.executable, *args]
 
 
+def torchrun(np_: int, args: Sequence[str]) -> List[str]:
+    """``torchrun --standalone`` (a free rendezvous port per job), as PyTorch users launch."""
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={np_}", *args]
+
+
 def mpirun(np_: int, args: Sequence[str]) -> List[str]:
     mpirun_bin = shutil.which("mpirun") or "mpirun"
     return [mpirun_bin, "-np", str(np_), "--oversubscribe", "--bind-to", "none", sys.executable, *args]
@@ -49,6 +54,7 @@ LAUNCHERS = {
     "mpirun-mpi4py": (lambda np_, args: mpirun(np_, args), {"ITERAVG_COMM": "mpi"}),
     "horovodrun-mpi": (lambda np_, args: horovodrun(np_, args), {}),
     "horovodrun-gloo": (lambda np_, args: horovodrun(np_, args, gloo=True), {}),
+    "torchrun": (lambda np_, args: torchrun(np_, args), {}),
 }
 
 
