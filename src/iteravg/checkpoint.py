@@ -494,8 +494,8 @@ def _read_regular(path: Path, limit: Optional[int] = None) -> bytes:
             raise CheckpointError(f"{path} is not a regular file")
         if limit is not None and st.st_size > limit:
             raise CheckpointError(f"{path} is {st.st_size} bytes, more than the {limit} a state record may have")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read() if limit is None else f.read(limit + 1)
+        with os.fdopen(os.dup(fd), "rb") as f:  # never ask for more than the file holds (+1 to see it grow):
+            data = f.read() if limit is None else f.read(min(limit, st.st_size) + 1)  # read(n) allocates n
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read: {exc.strerror or exc}") from None
     finally:
