@@ -61,7 +61,7 @@ soak: setup
 	$(PY) tests/soak.py
 
 ## What averaging buys on real series across seeds: trains the runs not cached in runs/study, then rewrites
-## docs/results.md and docs/study/ (about 30-60 minutes on 2 cores from scratch; seconds when all are cached).
+## docs/results.md and docs/study/ (about 90 minutes on 2 cores from scratch; seconds when all are cached).
 study: setup
 	$(PY) studies/averaging_study.py
 

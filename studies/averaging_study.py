@@ -2,6 +2,7 @@
 
     python studies/averaging_study.py                      # the full study; writes docs/results.md + docs/study/
     python studies/averaging_study.py --report-only        # rewrite the page from the cached runs
+    python studies/averaging_study.py --dry-run            # which runs are cached, which would run
     python studies/averaging_study.py --profile smoke --out /tmp/s --report /tmp/s/results.md --assets /tmp/s/img
 
 Every training run (data set, estimator, method, ranks, seed) is cached as one JSON file under ``--out``/cells;
@@ -27,6 +28,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from studies.averaging import grid, report, runner  # noqa: E402
 
 
+def timing_note(records, jobs: int) -> str:
+    """The training time the runs measured, per estimator family, and the wall-clock time it implies."""
+    parts = []
+    for family in dict.fromkeys(r["cell"]["family"] for r in records):
+        one = sum(r["train_seconds"] for r in records if r["cell"]["family"] == family and r["cell"]["ranks"] == 1)
+        many = sum(r["train_seconds"] for r in records if r["cell"]["family"] == family and r["cell"]["ranks"] > 1)
+        parts.append(f"gluonts.{family}: {one / 60:.0f} min for the single-process runs and {many / 60:.0f} min for "
+                     f"the 2-rank runs, about {(one / jobs + many) / 60:.0f} min of wall-clock time")
+    return (f" Training time, measured per run while the study ran, and the wall-clock time it takes with {jobs} "
+            f"single-process runs at a time and the 2-rank runs alone on the machine's cores: {'; '.join(parts)} "
+            "(plus start-up and forecasting).")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(grid.PROFILES), default="full")
@@ -40,6 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=0, help="only the first N seeds of each estimator")
     ap.add_argument("--seconds-per-cell", type=float, default=600.0, help="worker timeout per run")
     ap.add_argument("--report-only", action="store_true", help="no training: the page from the cached runs")
+    ap.add_argument("--dry-run", action="store_true", help="say which runs are cached and which would run; no "
+                    "training, no page")
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
@@ -48,6 +64,13 @@ def main(argv=None) -> int:
     cells = grid.select(profile, args.datasets, args.estimators, args.seeds)
     if not cells:
         ap.error("no runs selected")
+    if args.dry_run:
+        todo = runner.missing(profile, cells, args.out)
+        print(f"[study] {len(cells) - len(todo)} of {len(cells)} cells cached in {args.out}/cells; {len(todo)} to run")
+        for batch in runner.plan(todo, args.jobs):
+            print(f"[study] would run {len(batch)} cells of {batch[0].group}: "
+                  f"{', '.join(c.key for c in batch[:3])}{' ...' if len(batch) > 3 else ''}")
+        return 0
     t0 = time.perf_counter()
     if not args.report_only:
         runner.run(profile, cells, args.out, jobs=args.jobs, comm=args.comm, seconds_per_cell=args.seconds_per_cell)
@@ -62,12 +85,7 @@ def main(argv=None) -> int:
     full_default = args.profile == "full" and argv is None and len(sys.argv) == 1
     command = "make study" if full_default else "python " + " ".join(
         shlex.quote(a) for a in ["studies/averaging_study.py", *(sys.argv[1:] if argv is None else argv)])
-    one = sum(r["train_seconds"] for r in records if r["cell"]["ranks"] == 1)
-    many = sum(r["train_seconds"] for r in records if r["cell"]["ranks"] > 1)
-    note = (f" Training time, measured per run while the study ran: {one / 60:.0f} min for the single-process "
-            f"runs, {many / 60:.0f} min for the 2-rank runs; with {args.jobs} single-process runs at a time and "
-            f"the 2-rank runs alone on the machine's cores, about {(one / args.jobs + many) / 60:.0f} min of "
-            "wall-clock time, plus start-up and forecasting.")
+    note = timing_note(records, args.jobs)
     try:
         cache = str(args.out.resolve().relative_to(REPO))
     except ValueError:

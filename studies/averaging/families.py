@@ -1,9 +1,10 @@
 """Estimator families: how one cell is trained, and how its ranks are launched.
 
 A family is a small object with ``estimators`` (names it can build), ``launch(ranks, argv)`` (the command line that
-starts a worker on that many ranks) and ``train(cell, budget, data, workdir) -> Trained``. The worker and the
-report are family-neutral, so adding ``gluonts.torch`` (once Lightning averaging lands) is one more class here
-and its entries in ``grid.PROFILES``.
+starts a worker on that many ranks), ``seed(seed)`` (every generator its training and forecasting draw from),
+``versions()`` and ``train(cell, budget, data, workdir) -> Trained``. The worker and the
+report are family-neutral: ``gluonts.torch`` (``torch_family.py``: Lightning with ``iteravg.lightning``) is one more
+class, registered in ``FAMILIES``, with its entries in ``grid.PROFILES``.
 
 The MXNet family trains GluonTS's ``gluonts.mx`` estimators with ``iteravg.gluonts.Trainer`` (GluonTS's Trainer on
 one process; data-parallel on several ranks) and iteravg's ``ModelIterationAveraging``:
@@ -77,6 +78,20 @@ class MXFamily:
         return ([mpirun, "-np", str(ranks), "--oversubscribe", "--bind-to", "none", sys.executable, *argv],
                 {"ITERAVG_COMM": self.comm})
 
+    def seed(self, seed: int) -> None:
+        """Seed every generator this family's training or forecasting draws from."""
+        import mxnet as mx
+
+        mx.random.seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+    def versions(self) -> Dict[str, str]:
+        import gluonts
+        import mxnet as mx
+
+        return {"gluonts": gluonts.__version__, "mxnet": mx.__version__}
+
     def build(self, cell: Cell, budget: Budget, data: Any, trainer: Any) -> Any:
         spec = data.spec
         model = dict(budget.model)
@@ -118,9 +133,7 @@ class MXFamily:
 
         from iteravg.gluonts import Trainer
 
-        mx.random.seed(cell.seed)
-        np.random.seed(cell.seed)
-        random.seed(cell.seed)
+        self.seed(cell.seed)
         recorder = _recorder(workdir / "last-iterate.params")
         averaging, strategy = self.callbacks(cell, budget)
         trainer = Trainer(ctx="cpu", epochs=budget.epochs, num_batches_per_epoch=budget.batches_per_epoch,
@@ -169,7 +182,13 @@ def _recorder(path: Path) -> Any:
     return LastIterate()
 
 
-FAMILIES: Dict[str, Callable[..., Any]] = {"mx": MXFamily}
+def _torch_family(**kwargs: Any) -> Any:
+    from .torch_family import TorchFamily  # imports torch and Lightning only in the workers that train with them
+
+    return TorchFamily(**kwargs)
+
+
+FAMILIES: Dict[str, Callable[..., Any]] = {"mx": MXFamily, "torch": _torch_family}
 
 
 def family(name: str, **kwargs: Any) -> Any:

@@ -45,7 +45,7 @@ class Budget:
 @dataclass(frozen=True)
 class Cell:
     dataset: str
-    family: str  # "mx" (gluonts.mx, iteravg.gluonts.Trainer); "torch" once Lightning averaging lands
+    family: str  # "mx" (gluonts.mx, iteravg.gluonts.Trainer) or "torch" (gluonts.torch, iteravg.lightning)
     estimator: str
     method: str
     ranks: int
@@ -71,8 +71,9 @@ class Profile:
     ranks: Tuple[int, ...]
     seeds: Dict[Tuple[str, str, str], Tuple[int, ...]]
     budgets: Dict[Tuple[str, str], Budget]  # (family, estimator) -> budget
-    #: (data set, family, estimator, method, ranks) combinations left out (the smoke profile's small 2-rank arm)
-    skip: Tuple[Tuple[str, str, str, str, int], ...] = ()
+    #: (data set, family, estimator, method, ranks) combinations left out, optionally with a 6th element: only that
+    #: seed (the smoke profile's small 2-rank arms)
+    skip: Tuple[Tuple[Any, ...], ...] = ()
 
     def cells(self) -> List[Cell]:
         out = []
@@ -80,10 +81,14 @@ class Profile:
             for ranks in self.ranks:
                 for seed in self.seeds[(dataset, family, estimator)]:
                     for method in self.methods:
-                        if (dataset, family, estimator, method, ranks) in self.skip:
-                            continue
-                        out.append(Cell(dataset, family, estimator, method, ranks, seed))
+                        cell = Cell(dataset, family, estimator, method, ranks, seed)
+                        if not self.skipped(cell):
+                            out.append(cell)
         return out
+
+    def skipped(self, cell: Cell) -> bool:
+        what = (cell.dataset, cell.family, cell.estimator, cell.method, cell.ranks)
+        return any(tuple(entry[:5]) == what and (len(entry) == 5 or entry[5] == cell.seed) for entry in self.skip)
 
     def budget(self, cell: Cell) -> Budget:
         return self.budgets[(cell.family, cell.estimator)]
@@ -106,28 +111,40 @@ SFF = Budget(epochs=20, batches_per_epoch=40, batch_size=64, model={"num_hidden_
                                                                      "context_multiple": 2})
 DEEPAR = Budget(epochs=15, batches_per_epoch=20, batch_size=32, model={"num_layers": 1, "num_cells": 20,
                                                                         "context_multiple": 1})
+#: gluonts.torch's SimpleFeedForward: the same network, steps and batch as the mx one.
+TORCH_SFF = Budget(epochs=20, batches_per_epoch=40, batch_size=64, model={"hidden_dimensions": [40, 40],
+                                                                          "context_multiple": 2})
 
 FULL_SEEDS = tuple(range(8))
+TORCH_SEEDS = tuple(range(5))
 PROFILES: Dict[str, Profile] = {
     "full": Profile(
         name="full",
-        pairs=(("taylor", "mx", "sff"), ("taylor", "mx", "deepar"), ("sunspots", "mx", "sff"), ("co2", "mx", "sff")),
+        pairs=(("taylor", "mx", "sff"), ("taylor", "mx", "deepar"), ("sunspots", "mx", "sff"), ("co2", "mx", "sff"),
+               ("taylor", "torch", "sff"), ("sunspots", "torch", "sff"), ("co2", "torch", "sff")),
         methods=METHODS,
         ranks=(1, 2),
         seeds={("taylor", "mx", "sff"): FULL_SEEDS, ("sunspots", "mx", "sff"): FULL_SEEDS,
-               ("co2", "mx", "sff"): FULL_SEEDS, ("taylor", "mx", "deepar"): tuple(range(5))},
-        budgets={("mx", "sff"): SFF, ("mx", "deepar"): DEEPAR},
+               ("co2", "mx", "sff"): FULL_SEEDS, ("taylor", "mx", "deepar"): tuple(range(5)),
+               ("taylor", "torch", "sff"): TORCH_SEEDS, ("sunspots", "torch", "sff"): TORCH_SEEDS,
+               ("co2", "torch", "sff"): TORCH_SEEDS},
+        budgets={("mx", "sff"): SFF, ("mx", "deepar"): DEEPAR, ("torch", "sff"): TORCH_SFF},
     ),
-    # `make test`'s subset: one data set, one estimator, 2 seeds, a few steps; 2 ranks for two methods only.
+    # `make test`'s subset: one data set, SimpleFeedForward of each family, 2 seeds, a few steps; on 2 ranks two
+    # methods of the mx one and one run (EMA, seed 0) of the torch one.
     "smoke": Profile(
         name="smoke",
-        pairs=(("taylor", "mx", "sff"),),
+        pairs=(("taylor", "mx", "sff"), ("taylor", "torch", "sff")),
         methods=METHODS,
         ranks=(1, 2),
-        seeds={("taylor", "mx", "sff"): (0, 1)},
+        seeds={("taylor", "mx", "sff"): (0, 1), ("taylor", "torch", "sff"): (0, 1)},
         budgets={("mx", "sff"): Budget(epochs=3, batches_per_epoch=4, batch_size=16, num_samples=20,
-                                       model={"num_hidden_dimensions": [8], "context_multiple": 1})},
-        skip=(("taylor", "mx", "sff", "alpha_suffix", 2), ("taylor", "mx", "sff", "ema", 2)),
+                                       model={"num_hidden_dimensions": [8], "context_multiple": 1}),
+                 ("torch", "sff"): Budget(epochs=3, batches_per_epoch=4, batch_size=16, num_samples=20,
+                                          model={"hidden_dimensions": [8], "context_multiple": 1})},
+        skip=(("taylor", "mx", "sff", "alpha_suffix", 2), ("taylor", "mx", "sff", "ema", 2),
+              ("taylor", "torch", "sff", "none", 2), ("taylor", "torch", "sff", "nta", 2),
+              ("taylor", "torch", "sff", "alpha_suffix", 2), ("taylor", "torch", "sff", "ema", 2, 1)),
     ),
 }
 

@@ -160,9 +160,23 @@ def fmt_ci(ci: Tuple[float, float]) -> str:
     return f"[{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if all(math.isfinite(c) for c in ci) else ""
 
 
+ESTIMATOR_NAMES = {"sff": "SimpleFeedForward", "deepar": "DeepAR"}
+PLOT_NAMES = {"sff": "SFF", "deepar": "DeepAR"}  # short, for the plots' axes
+#: What trains each family's runs, for the page.
+FAMILY_TRAINERS = {"mx": "`iteravg.gluonts.Trainer` under `mpirun`",
+                   "torch": "Lightning's DDP (`strategy=\"ddp\"`) under `torchrun`, with `iteravg.lightning`"}
+
+
 def pair_name(pair: Tuple[str, str, str]) -> str:
-    names = {"sff": "SimpleFeedForward", "deepar": "DeepAR"}
-    return f"{pair[0]} / {names.get(pair[2], pair[2])} (gluonts.{pair[1]})"
+    return f"{pair[0]} / {ESTIMATOR_NAMES.get(pair[2], pair[2])} (gluonts.{pair[1]})"
+
+
+def short_name(pair: Tuple[str, str, str]) -> str:
+    return f"{pair[0]} / {ESTIMATOR_NAMES.get(pair[2], pair[2])} ({pair[1]})"
+
+
+def families_of(pairs: Sequence[Tuple]) -> List[str]:
+    return list(OrderedDict.fromkeys(p[1] for p in pairs))
 
 
 def ranks_label(ranks: int) -> str:
@@ -194,26 +208,29 @@ def pair_table(pair: Tuple, comps: "OrderedDict[Tuple, Comparison]", ranks: Sequ
 
 
 def summary_table(comps: "OrderedDict[Tuple, Comparison]", pairs: Sequence[Tuple], ranks: Sequence[int]) -> List[str]:
-    lines = ["| method | ranks | forecast variance ratio (median over estimators x data) | lower in | "
+    lines = ["| method | family | ranks | forecast variance ratio (median over estimators x data) | lower in | "
              "std ratio RMSE (median) | lower in | mean RMSE ratio (median) | mean wQL ratio (median) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for method in ROW_METHODS[1:]:
-        for r in ranks:
-            cs = [comps[(p, r, method)] for p in pairs if (p, r, method) in comps]
-            if not cs:
-                continue
-            fv = [c.fvar_ratio for c in cs]
-            sr = [c.std_ratio["RMSE"] for c in cs]
-            lines.append(
-                f"| {METHOD_LABELS[method]} | {ranks_label(r)} | {fmt(float(np.nanmedian(fv)), 2)} | "
-                f"{sum(v < 1 for v in fv)} of {len(cs)} | {fmt(float(np.nanmedian(sr)), 2)} | "
-                f"{sum(v < 1 for v in sr)} of {len(cs)} | "
-                f"{fmt(float(np.nanmedian([c.mean_ratio['RMSE'] for c in cs])), 3)} | "
-                f"{fmt(float(np.nanmedian([c.mean_ratio['mean_wQuantileLoss'] for c in cs])), 3)} |")
-    lines.append(f"| PR #901: NTA (n=5), DeepAR on electricity | 1 process | {fmt(PR901_VAR_RATIO, 2)} "
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for family in families_of(pairs):
+        for method in ROW_METHODS[1:]:
+            for r in ranks:
+                cs = [comps[(p, r, method)] for p in pairs if p[1] == family and (p, r, method) in comps]
+                if cs:
+                    lines.append(summary_row(method, family, r, cs))
+    lines.append(f"| PR #901: NTA (n=5), DeepAR on electricity | gluonts.mx | 1 process | {fmt(PR901_VAR_RATIO, 2)} "
                  f"({fmt(PR901['baseline_var'])} to {fmt(PR901['nta_var'])}) | | | | "
                  f"{fmt(PR901['nta_rmse'] / PR901['baseline_rmse'], 3)} | |")
     return lines
+
+
+def summary_row(method: str, family: str, r: int, cs: Sequence[Comparison]) -> str:
+    fv = [c.fvar_ratio for c in cs]
+    sr = [c.std_ratio["RMSE"] for c in cs]
+    return (f"| {METHOD_LABELS[method]} | gluonts.{family} | {ranks_label(r)} | {fmt(float(np.nanmedian(fv)), 2)} | "
+            f"{sum(v < 1 for v in fv)} of {len(cs)} | {fmt(float(np.nanmedian(sr)), 2)} | "
+            f"{sum(v < 1 for v in sr)} of {len(cs)} | "
+            f"{fmt(float(np.nanmedian([c.mean_ratio['RMSE'] for c in cs])), 3)} | "
+            f"{fmt(float(np.nanmedian([c.mean_ratio['mean_wQuantileLoss'] for c in cs])), 3)} |")
 
 
 def distribution_table(rows: "OrderedDict[Tuple, Row]", pairs: Sequence[Tuple], ranks: Sequence[int]) -> List[str]:
@@ -263,7 +280,7 @@ def plot_metrics(rows: "OrderedDict[Tuple, Row]", pairs: Sequence[Tuple], ranks:
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
     fig.suptitle("Test metrics per seed (dots), mean ± std across seeds", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title above the first row
     fig.savefig(path, dpi=72)
     plt.close(fig)
 
@@ -304,7 +321,7 @@ def plot_ratios(comps: "OrderedDict[Tuple, Comparison]", pairs: Sequence[Tuple],
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(range(len(pairs)))
-        ax.set_xticklabels([pair_name(p).split(" (")[0].replace(" / ", "\n") for p in pairs], fontsize=7)
+        ax.set_xticklabels([f"{p[0]}\n{PLOT_NAMES.get(p[2], p[2])} ({p[1]})" for p in pairs], fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
@@ -357,10 +374,10 @@ def render(profile: Profile, records: Sequence[Dict[str, Any]], out_md: Path, as
           f"{100 * (1 - PR901_VAR_RATIO):.0f}% lower) at about equal RMSE ({fmt(PR901['baseline_rmse'])} vs "
           f"{fmt(PR901['nta_rmse'])}), against GluonTS's default of keeping the best epoch. This study asks the same "
           "of iteravg on data nobody here made, and what training data-parallel on 2 ranks costs in quality.", ""]
-    L += setup_section(profile, pairs)
+    L += setup_section(profile, pairs, records)
     L += ["## Summary against PR #901", "",
           "Ratios to no averaging (GluonTS's default, best epoch) of the same estimator, data and ranks; the median "
-          "over the estimator x data combinations, and in how many of them the ratio is below 1. "
+          "over the estimator x data combinations of each family, and in how many of them the ratio is below 1. "
           "*Forecast variance* is PR #901's measure: the variance across seeds of the mean forecast at each "
           "time step of the test windows, averaged. A ratio of PR #901's size (0.57) is a 43% reduction of the "
           "variance, i.e. a standard deviation about 0.76 times as large.", ""]
@@ -395,14 +412,12 @@ def render(profile: Profile, records: Sequence[Dict[str, Any]], out_md: Path, as
           "what each does with the same iterates." + (f" Differing groups: {', '.join(bad)}." if bad else ""),
           ranks_note(records), ""]
     seeds = sorted({len(r.seeds) for r in rows.values()})
-    L += limits_section(seeds)
+    L += limits_section(seeds, families_of(pairs))
     out_md.write_text("\n".join(L).rstrip() + "\n")
     return {"rows": rows, "comparisons": comps, "pairs": pairs, "ranks": ranks, "trajectory": (ok, total, bad)}
 
 
-def setup_section(profile: Profile, pairs: Sequence[Tuple]) -> List[str]:
-    from .families import EMA_DECAY
-
+def setup_section(profile: Profile, pairs: Sequence[Tuple], records: Sequence[Dict[str, Any]] = ()) -> List[str]:
     L = ["## Setup", "", "| data set | source (shipped in the wheel) | frequency | training points | test windows "
          "x prediction length |", "| --- | --- | --- | --- | --- |"]
     for name in OrderedDict.fromkeys(p[0] for p in pairs):
@@ -416,25 +431,63 @@ def setup_section(profile: Profile, pairs: Sequence[Tuple]) -> List[str]:
         if not any(p[1] == fam and p[2] == est for p in pairs):
             continue
         model = ", ".join(f"{k}={v}" for k, v in b.model.items())
+        generators = {r["info"].get("forecast_generator") for r in records
+                      if (r["cell"]["family"], r["cell"]["estimator"]) == (fam, est)}
+        samples = ("none: the forecast distribution's mean and quantiles"
+                   if generators == {"DistributionForecastGenerator"} else str(b.num_samples))
         L.append(f"| gluonts.{fam} {est} | {model} | {b.epochs} x {b.batches_per_epoch} | {b.batch_size} | "
-                 f"{b.learning_rate:g} | {b.num_samples} |")
-    L += ["", "`context_multiple` is the context length in prediction lengths. Each training run uses "
-          "`iteravg.gluonts.Trainer` (GluonTS's MXNet Trainer on one process; data-parallel under "
-          "`mpirun -np 2 --bind-to none` with mpi4py, one thread per rank) with GluonTS's "
-          "`LearningRateReduction`, no validation data, and one averaging method:", "",
-          "* **no averaging**: GluonTS's default `ModelAveraging(SelectNBestMean(num_models=1))` keeps the epoch with "
-          "the lowest training loss (PR #901's baseline). The same runs also report their **last iterate**.",
-          "* **NTA**: `ModelIterationAveraging(NTA(epochs))`, GluonTS's defaults (`n=5`, `eta=0`; fallback "
-          "start at 95% of the epochs).",
-          "* **Alpha_Suffix**: `ModelIterationAveraging(Alpha_Suffix(epochs))`, GluonTS's default `alpha=0.75` "
-          "(averages every iterate of the last 75% of the epochs).",
-          f"* **EMA**: `ModelIterationAveraging(EMA(decay={EMA_DECAY}), recount_epoch_end=False)` "
-          "(`iteravg.mx.EMA`, timm's warmup: the decay rises as 1 - (1+k)^(-2/3) and is capped at "
-          f"{EMA_DECAY}).", "",
-          "The seed sets MXNet's, numpy's and Python's generators before training (initialisation and the "
-          "training windows) and before forecasting (the sample paths, the same stream for every method of a "
-          "seed). Defaults were taken as GluonTS ships them; nothing was tuned on the test windows.", ""]
+                 f"{b.learning_rate:g} | {samples} |")
+    L += ["", "`context_multiple` is the context length in prediction lengths. No run gets validation data, and "
+          "each trains with one averaging method."]
+    families = families_of(pairs)
+    if "mx" in families:
+        L += mx_methods()
+    if "torch" in families:
+        L += torch_methods()
+    L += ["", "The seed sets the framework's (MXNet's or torch's), numpy's and Python's generators before training "
+          "(initialisation and the training windows) and before forecasting (the sample paths, the same stream for "
+          "every method of a seed). Defaults were taken as GluonTS ships them; nothing was tuned on the test "
+          "windows.", ""]
     return L
+
+
+def mx_methods() -> List[str]:
+    from .families import EMA_DECAY
+
+    return ["", "**gluonts.mx**: each training run uses `iteravg.gluonts.Trainer` (GluonTS's MXNet Trainer on one "
+            "process; data-parallel under `mpirun -np 2 --bind-to none` with mpi4py, one thread per rank) with "
+            "GluonTS's `LearningRateReduction` and:", "",
+            "* **no averaging**: GluonTS's default `ModelAveraging(SelectNBestMean(num_models=1))` keeps the epoch "
+            "with the lowest training loss (PR #901's baseline). The same runs also report their **last iterate**.",
+            "* **NTA**: `ModelIterationAveraging(NTA(epochs))`, GluonTS's defaults (`n=5`, `eta=0`; fallback "
+            "start at 95% of the epochs).",
+            "* **Alpha_Suffix**: `ModelIterationAveraging(Alpha_Suffix(epochs))`, GluonTS's default `alpha=0.75` "
+            "(averages every iterate of the last 75% of the epochs).",
+            f"* **EMA**: `ModelIterationAveraging(EMA(decay={EMA_DECAY}), recount_epoch_end=False)` "
+            "(`iteravg.mx.EMA`, timm's warmup: the decay rises as 1 - (1+k)^(-2/3) and is capped at "
+            f"{EMA_DECAY})."]
+
+
+def torch_methods() -> List[str]:
+    from .families import EMA_DECAY
+
+    return ["", "**gluonts.torch**: each training run is GluonTS's own `estimator.train_model` (Lightning, "
+            "`accelerator=\"cpu\"`, `torch.set_num_threads(1)`); on 2 ranks `torchrun --standalone "
+            "--nproc_per_node=2` starts both processes and the estimator's `trainer_kwargs` add "
+            "`strategy=\"ddp\", devices=2` and `iteravg.lightning.RankSeeding()` (each rank draws its own training "
+            "windows). The averaging methods add one `iteravg.lightning.IterationAveraging(schedule, monitor=None)` "
+            "callback (the trigger reads the epoch's mean training loss, reduced across ranks):", "",
+            "* **no averaging**: GluonTS's default: `train_model`'s `ModelCheckpoint(monitor=\"train_loss\")` "
+            "reloads the epoch with the lowest training loss. The same runs also report their **last iterate**.",
+            "* **NTA**: `iteravg.NTASchedule(epochs)` (`n=5`, `eta=0`, fallback start at 95% of the epochs).",
+            "* **Alpha_Suffix**: `iteravg.AlphaSuffixSchedule(epochs)` (`alpha=0.75`).",
+            f"* **EMA**: `iteravg.EMASchedule(decay={EMA_DECAY})` (timm's warmup, as the mx EMA).",
+            "",
+            "With averaging, the model evaluated is the final average, what `IterationAveraging` leaves in the model "
+            "when `fit` ends (as the mx runs evaluate the average, not a best epoch); `train_model` itself would "
+            "reload its best-training-loss checkpoint, which holds the average as of that epoch once averaging has "
+            "started (see the reading below and [Lightning](lightning.md)). The callback folds one iterate per "
+            "optimizer step (`recount_epoch_end=False`, its default: no extra fold of each epoch's last iterate)."]
 
 
 def trigger_note(rows: "OrderedDict[Tuple, Row]", pair: Tuple, ranks: Sequence[int]) -> str:
@@ -457,21 +510,33 @@ def trigger_note(rows: "OrderedDict[Tuple, Row]", pair: Tuple, ranks: Sequence[i
 
 def reading(comps: "OrderedDict[Tuple, Comparison]", rows: "OrderedDict[Tuple, Row]", pairs: Sequence[Tuple],
             ranks: Sequence[int]) -> List[str]:
-    """Plain statements computed from the comparisons (which method lowered what, where intervals exclude 1)."""
+    """Plain statements computed from the comparisons (which method lowered what, where intervals exclude 1), for
+    each family."""
     L = ["### Reading", ""]
+    for family in families_of(pairs):
+        fam_pairs = [p for p in pairs if p[1] == family]
+        L += reading_family(comps, rows, fam_pairs, ranks, f"gluonts.{family}" if len(families_of(pairs)) > 1 else "")
+    L.append("")
+    return L
+
+
+def reading_family(comps: "OrderedDict[Tuple, Comparison]", rows: "OrderedDict[Tuple, Row]", pairs: Sequence[Tuple],
+                   ranks: Sequence[int], family: str) -> List[str]:
+    L = []
+    tag = f" ({family})" if family else ""
     for method in ("nta", "alpha_suffix", "ema"):
         cs = [(p, r, comps[(p, r, method)]) for p in pairs for r in ranks if (p, r, method) in comps]
         if not cs:
             continue
-        lower = [f"{pair_name(p).split(' (')[0]}, {ranks_label(r)}" for p, r, c in cs
+        lower = [f"{short_name(p)}, {ranks_label(r)}" for p, r, c in cs
                  if math.isfinite(c.fvar_ratio_ci[1]) and c.fvar_ratio_ci[1] < 1]
-        higher = [f"{pair_name(p).split(' (')[0]}, {ranks_label(r)}" for p, r, c in cs
+        higher = [f"{short_name(p)}, {ranks_label(r)}" for p, r, c in cs
                   if math.isfinite(c.fvar_ratio_ci[0]) and c.fvar_ratio_ci[0] > 1]
-        worse_mean = [f"{pair_name(p).split(' (')[0]}, {ranks_label(r)} ({fmt(c.mean_ratio['RMSE'], 3)})"
+        worse_mean = [f"{short_name(p)}, {ranks_label(r)} ({fmt(c.mean_ratio['RMSE'], 3)})"
                       for p, r, c in cs if c.mean_ratio["RMSE"] > 1.02]
-        better_mean = [f"{pair_name(p).split(' (')[0]}, {ranks_label(r)} ({fmt(c.mean_ratio['RMSE'], 3)})"
+        better_mean = [f"{short_name(p)}, {ranks_label(r)} ({fmt(c.mean_ratio['RMSE'], 3)})"
                        for p, r, c in cs if c.mean_ratio["RMSE"] < 0.98]
-        text = (f"* **{METHOD_LABELS[method]}**: forecast variance lower than without averaging, with the whole "
+        text = (f"* **{METHOD_LABELS[method]}**{tag}: forecast variance lower than without averaging, with the whole "
                 f"90% interval below 1, in {len(lower)} of {len(cs)} cases"
                 + (f" ({'; '.join(lower)})" if lower else "")
                 + f"; higher with the interval above 1 in {len(higher)}"
@@ -484,19 +549,29 @@ def reading(comps: "OrderedDict[Tuple, Comparison]", rows: "OrderedDict[Tuple, R
             for p in pairs for r in ranks if r > 1 for m in ROW_METHODS if (p, r, m) in rows and (p, 1, m) in rows]
     if dist:
         within = sum(abs(d - 1) <= 0.03 for d in dist)
-        L.append(f"* 2 ranks against 1 process: the mean RMSE ratio has median {fmt(float(np.median(dist)), 3)} "
+        L.append(f"* 2 ranks against 1 process{tag}: the mean RMSE ratio has median {fmt(float(np.median(dist)), 3)} "
                  f"(from {fmt(min(dist), 3)} to {fmt(max(dist), 3)}) over the {len(dist)} (data, estimator, method) "
                  f"rows; {within} of them within ±3%.")
-    nta = [rec for row in rows.values() if row.method == "nta" for rec in row.records]
+    nta = [rec for row in rows.values() if row.pair in pairs and row.method == "nta" for rec in row.records]
     if nta:
         fallback = [math.ceil(rec["settings"]["budget"]["epochs"] * 0.95) for rec in nta]
         on_metric = sum(rec["info"].get("trigger_epoch") is not None and rec["info"]["trigger_epoch"] < fb
                         for rec, fb in zip(nta, fallback))
-        L.append(f"* NTA started on its metric trigger (an epoch's training loss worse than the best before the "
+        L.append(f"* NTA{tag} started on its metric trigger (an epoch's training loss worse than the best before the "
                  f"last 5 epochs) in {on_metric} of {len(nta)} runs; the others started at GluonTS's fallback, 95% "
                  "of the way through training, so NTA here mostly averages the last epoch's iterates. Where that "
                  "is the very last epoch it averages a single iterate and equals the last iterate.")
-    L.append("")
+    chosen = [rec for row in rows.values() if row.pair in pairs for rec in row.records
+              if "gluonts_checkpoint_averaged" in rec["info"]]
+    if chosen:
+        averaged = sum(bool(rec["info"]["gluonts_checkpoint_averaged"]) for rec in chosen)
+        last = sum(bool(rec["info"]["gluonts_checkpoint_averaged"])
+                   and rec["info"].get("gluonts_best_epoch") == rec["settings"]["budget"]["epochs"] for rec in chosen)
+        L.append(f"* GluonTS's own choice{tag}: `estimator.train` returns the checkpoint of the epoch with the lowest "
+                 f"training loss. Of the {len(chosen)} averaging runs, it would have returned the final average "
+                 f"evaluated here in {last} (the best epoch was the last), an earlier epoch's average in "
+                 f"{averaged - last}, and a training iterate (averaging had not started by the best epoch) in "
+                 f"{len(chosen) - averaged}.")
     return L
 
 
@@ -506,23 +581,34 @@ def ranks_note(records: Sequence[Dict[str, Any]]) -> str:
         return "* No multi-rank runs in this selection."
     checked = [r for r in multi if "ranks_identical" in r["info"]]
     same = sum(bool(r["info"]["ranks_identical"]) for r in checked)
+    families = list(OrderedDict.fromkeys(r["cell"]["family"] for r in multi))
+    counts = {f: sum(r["cell"]["family"] == f for r in multi) for f in families}
+    how = "; ".join(f"gluonts.{f}: {n} run{'' if n == 1 else 's'} with {FAMILY_TRAINERS.get(f, f)}"
+                    for f, n in counts.items())
     return (f"* Same network on every rank: in {same} of {len(checked)} multi-rank runs that recorded it (of "
-            f"{len(multi)}), every rank's final network had the same SHA-256 (each run trained data-parallel with "
-            "`iteravg.gluonts.Trainer` under `mpirun`).")
+            f"{len(multi)}), every rank's final network had the same SHA-256 (each run trained data-parallel; "
+            f"{how}).")
 
 
-def limits_section(seed_counts: Sequence[int]) -> List[str]:
+def limits_section(seed_counts: Sequence[int], families: Sequence[str] = ("mx",)) -> List[str]:
     lo, hi = min(seed_counts), max(seed_counts)
     rel = 1 / math.sqrt(2 * (lo - 1)) if lo > 1 else math.inf
     seeds = f"{lo}" if lo == hi else f"{lo} to {hi}"
-    return ["## Limits", "",
-            f"* Few seeds: a standard deviation from {seeds} seeds has a relative standard error of about "
-            f"{100 * rel:.0f}% or less (1/sqrt(2(n-1))), so a ratio of two of them needs to be far from 1 to mean "
-            "anything; read the intervals and the counts, not single ratios.",
-            "* Small budgets, chosen to fit about an hour on 2 CPU cores (see the timing at the top): short "
-            "training runs of small models on one series each, so the models are further from convergence than PR #901's (DeepAR trained to its "
-            "defaults on 370 series); averaging over a short run includes early, worse iterates.",
-            "* GluonTS's defaults for the averaging parameters, untuned: `Alpha_Suffix`'s `alpha=0.75` in "
-            "particular averages from a quarter of the way into training.",
-            "* The gluonts.torch estimators are not in this study yet: they join once GluonTS's averaging works "
-            "under Lightning (`studies/averaging/families.py` takes another family).", ""]
+    L = ["## Limits", "",
+         f"* Few seeds: a standard deviation from {seeds} seeds has a relative standard error of about "
+         f"{100 * rel:.0f}% or less (1/sqrt(2(n-1))), so a ratio of two of them needs to be far from 1 to mean "
+         "anything; read the intervals and the counts, not single ratios.",
+         "* Small budgets, chosen to fit about an hour per family on 2 CPU cores (see the timing at the top): short "
+         "training runs of small models on one series each, so the models are further from convergence than PR "
+         "#901's (DeepAR trained to its defaults on 370 series); averaging over a short run includes early, worse "
+         "iterates.",
+         "* GluonTS's defaults for the averaging parameters, untuned: `Alpha_Suffix`'s `alpha=0.75` in "
+         "particular averages from a quarter of the way into training."]
+    if "torch" in families:
+        L.append("* gluonts.torch: one estimator (SimpleFeedForward). Its network has the mx one's shape and budget "
+                 "but is another implementation (other initialisation, window sampling, scaling and forecasts), so "
+                 "the two families' rows are not a comparison of the frameworks.")
+    else:
+        L.append("* No gluonts.torch estimators in this selection (`studies/averaging/torch_family.py` trains "
+                 "them with `iteravg.lightning`).")
+    return L + [""]

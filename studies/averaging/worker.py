@@ -1,13 +1,16 @@
-"""Runs a list of cells, one after the other, on one process or on every rank of an ``mpirun`` job.
+"""Runs a list of cells, one after the other, on one process or on every rank of an ``mpirun`` / ``torchrun`` job.
 
     python -m studies.averaging.worker JOB.json                       # one process
-    mpirun -np 2 --bind-to none python -m studies.averaging.worker JOB.json   # 2 ranks (ITERAVG_COMM=mpi)
+    mpirun -np 2 --bind-to none python -m studies.averaging.worker JOB.json   # 2 ranks, mx (ITERAVG_COMM=mpi)
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m studies.averaging.worker JOB.json
+                                                                      # 2 ranks, torch (ITERAVG_COMM=torch)
 
-JOB.json holds the profile name, the output directory and the cells (all of one data set, estimator and rank
-count). Every rank trains; rank 0 evaluates the trained predictor with GluonTS's ``Evaluator`` on the data set's
-rolling test windows and writes ``<out>/cells/<key>.json`` atomically (temporary file, fsync, rename), then all
-ranks meet at a barrier before the next cell. On several ranks, each rank first records the hash of its final
-network under ``<out>/ranks/<key>/`` and rank 0 records whether they are all the same.
+Each family's ``launch`` says which (``families.py``). JOB.json holds the profile name, the output directory and
+the cells (all of one data set, estimator and rank count). Every rank trains; rank 0 evaluates the trained
+predictor with GluonTS's ``Evaluator`` on the data set's rolling test windows and writes ``<out>/cells/<key>.json``
+atomically (temporary file, fsync, rename), then all ranks meet at a barrier before the next cell. On several
+ranks, each rank first records the hash of its final network under ``<out>/ranks/<key>/`` and rank 0 records
+whether they are all the same.
 """
 
 from __future__ import annotations
@@ -34,13 +37,11 @@ from .grid import PROFILES, Cell, settings_id, settings_of  # noqa: E402
 METRICS = ("MASE", "RMSE", "mean_wQuantileLoss")
 
 
-def evaluate(predictor: Any, test: Any, num_samples: int, seed: int) -> Dict[str, Any]:
-    """GluonTS's backtest: sample forecasts for every test window, then ``Evaluator``'s aggregate metrics."""
-    import mxnet as mx
+def evaluate(predictor: Any, test: Any, num_samples: int, seed: int, family: Any) -> Dict[str, Any]:
+    """GluonTS's backtest: forecasts for every test window, then ``Evaluator``'s aggregate metrics."""
     from gluonts.evaluation import Evaluator, make_evaluation_predictions
 
-    mx.random.seed(10_000 + seed)  # the sample paths: the same stream for every method of a seed
-    np.random.seed(10_000 + seed)
+    family.seed(10_000 + seed)  # sample paths (if any): the same stream for every method of a seed
     forecast_it, ts_it = make_evaluation_predictions(test, predictor=predictor, num_samples=num_samples)
     forecasts, series = list(forecast_it), list(ts_it)
     agg, _ = Evaluator(num_workers=0)(iter(series), iter(forecasts), num_series=len(series))
@@ -67,9 +68,6 @@ def write_atomic(path: Path, record: Dict[str, Any]) -> None:
 def run_cell(profile_name: str, cell: Cell, out: Path, family: Any, comm: Any) -> None:
     """Train the cell on every rank; rank 0 checks that the ranks ended with the same network, evaluates it and
     writes the result. Collective: every rank of the job calls it for the same cell."""
-    import gluonts
-    import mxnet as mx
-
     from iteravg import collectives
 
     profile = PROFILES[profile_name]
@@ -89,14 +87,14 @@ def run_cell(profile_name: str, cell: Cell, out: Path, family: Any, comm: Any) -
         record: Dict[str, Any] = {"key": cell.key, "cell": cell.__dict__, "profile": profile_name,
                                   "settings": settings, "settings_id": settings_id(settings),
                                   "train_seconds": round(train_s, 2), "info": trained.info,
-                                  "versions": {"gluonts": gluonts.__version__, "mxnet": mx.__version__}}
+                                  "versions": family.versions()}
         if comm.size > 1:
             finals = {json.loads((hashes / f"rank{r}.json").read_text())["final_sha256"] for r in range(comm.size)}
             record["info"]["ranks_identical"] = len(finals) == 1
-        record.update(evaluate(trained.predictor, study_data.test, budget.num_samples, cell.seed))
+        record.update(evaluate(trained.predictor, study_data.test, budget.num_samples, cell.seed, family))
         if trained.load_last_iterate is not None:
             trained.load_last_iterate()
-            last = evaluate(trained.predictor, study_data.test, budget.num_samples, cell.seed)
+            last = evaluate(trained.predictor, study_data.test, budget.num_samples, cell.seed, family)
             record["last_iterate"] = last
     write_atomic(out / "cells" / f"{cell.key}.json", record)
 

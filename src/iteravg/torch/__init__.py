@@ -193,12 +193,13 @@ class Averager:
 
     def save(self, checkpoint_dir: os.PathLike, *, epoch: Optional[int] = None, stage: str = "manual",
              keep: int = 2, extra_files: Optional[Dict[str, Callable[[Path], None]]] = None,
-             extra_state: Optional[Dict[str, Any]] = None) -> Optional[Path]:
+             extra_state: Optional[Dict[str, Any]] = None, on_save_error: str = "raise") -> Optional[Path]:
         """Sync, then rank 0 writes an atomic snapshot (collective). Returns its path on rank 0, None elsewhere.
         ``extra_files`` (name -> writer of that file's path, called on rank 0) and ``extra_state`` (JSON) go into the
-        same snapshot, e.g. the training weights and the optimizer's state for a full resume."""
+        same snapshot, e.g. the training weights and the optimizer's state for a full resume. ``on_save_error``: as
+        ``iteravg.Averager.save`` (``"warn"`` keeps training when the disk is full or read-only)."""
         return self.engine.save(checkpoint_dir, epoch=epoch, stage=stage, keep=keep, extra_files=extra_files,
-                                extra_state=extra_state)
+                                extra_state=extra_state, on_save_error=on_save_error)
 
     def load(self, checkpoint_dir: os.PathLike) -> Dict[str, Any]:
         """Restore the average and progress from a snapshot written at any world size (collective)."""
