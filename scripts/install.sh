@@ -8,6 +8,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-$here/.venv}
+# Absolute, so that paths derived from it (the stamp directory, the CMake toolchain file Horovod's build reads from
+# its own build directory) mean the same thing wherever they are used.
+case $venv in system | /*) ;; *) venv=$PWD/$venv ;; esac
 stamp_dir=$venv/.iteravg-stamps
 
 log() { printf '[install] %s\n' "$*" >&2; }
