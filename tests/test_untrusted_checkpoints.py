@@ -114,7 +114,7 @@ def test_raw_damage_to_a_tensor_file():
     for data, match in [(b"", "truncated"), (ok[:-1], "outside the file"), (b"\xff" * 8 + b"{}", "header length"),
                         (struct.pack("<Q", 3) + b"\xff\xfe{", "corrupted header"),
                         (struct.pack("<Q", 4000) + b"[" * 4000, "corrupted header"),
-                        (struct.pack("<Q", 21) + b'{"a": 1, "a": 2}     ', "duplicate name")]:
+                        (struct.pack("<Q", 21) + b'{"a": 1, "a": 2}     ', "duplicate key")]:
         _one_line_error(lambda: parse_tensors(data), match)
 
 

@@ -523,11 +523,17 @@ def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def loads_unique_keys(text: str) -> Any:
+    """``json.loads`` that refuses a repeated key (``ValueError``): Python would keep the last one silently, while
+    another reader of the same untrusted file may keep the first, so the two would disagree on what it says."""
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
 def parse_record(data: bytes, where: str) -> Dict[str, Any]:
     """A snapshot's state record from its bytes, checked: JSON object, format and version, record checksum, and the
     ``files`` table (plain names -> SHA-256 hex digests). Anything else is a ``CheckpointError``."""
     try:
-        state = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        state = loads_unique_keys(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError, JSONDecodeError, too many digits
         raise CheckpointError(f"{where} is not valid JSON (truncated or corrupted?): "
                               f"{' '.join(str(exc).split())[:200]}") from None

@@ -18,7 +18,7 @@ ReduceOp = Literal["sum", "mean", "min", "max"]
 
 @runtime_checkable
 class Communicator(Protocol):
-    #: "local", "horovod" or "mpi".
+    #: "local", "horovod", "mpi" or "torch".
     name: str
     rank: int
     size: int
@@ -50,3 +50,12 @@ def check_rank(root: int, size: int, what: str = "root") -> None:
 
 def describe(comm: Optional[Communicator]) -> str:
     return "none" if comm is None else f"{comm.name} rank {comm.rank}/{comm.size}"
+
+
+def barrier_by_allreduce(comm: Communicator, name: str) -> None:
+    """A barrier for backends whose own barrier has no deadline hook: a counted ``sum`` allreduce, which also
+    proves every rank took part (the count is the world size)."""
+    flag = np.ones(1, dtype=np.int32)
+    comm.allreduce_(flag, op="sum", name=name)
+    if int(flag[0]) != comm.size:
+        raise CommError(f"barrier {name!r} saw {int(flag[0])} of {comm.size} ranks")

@@ -32,7 +32,7 @@ from typing import Any, List
 
 import numpy as np
 
-from .base import CommError, ReduceOp, check_rank
+from .base import CommError, ReduceOp, barrier_by_allreduce, check_rank
 from .watchdog import Watchdog
 
 BINDINGS = ("torch", "mxnet")
@@ -206,10 +206,7 @@ class HorovodComm:
         return out.reshape(self.size, -1).astype(row.dtype, copy=False)
 
     def barrier(self, *, name: str) -> None:
-        flag = np.ones(1, dtype=np.int32)
-        self.allreduce_(flag, op="sum", name=name)
-        if int(flag[0]) != self.size:
-            raise CommError(f"barrier {name!r} saw {int(flag[0])} of {self.size} ranks")
+        barrier_by_allreduce(self, name)
 
     def shutdown(self) -> None:
         if not self._shut:

@@ -26,7 +26,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from .base import CommError, ReduceOp, check_rank
+from .base import CommError, ReduceOp, barrier_by_allreduce, check_rank
 from .watchdog import Watchdog, get_timeout
 
 #: Environment torchrun (torch.distributed.elastic) sets for each worker.
@@ -193,10 +193,7 @@ class TorchDistComm:
         return out
 
     def barrier(self, *, name: str) -> None:
-        flag = np.ones(1, dtype=np.int32)
-        self.allreduce_(flag, op="sum", name=name)
-        if int(flag[0]) != self.size:
-            raise CommError(f"barrier {name!r} saw {int(flag[0])} of {self.size} ranks")
+        barrier_by_allreduce(self, name)
 
     def shutdown(self) -> None:
         """Stop the watchdog; the process group is destroyed only if iteravg created it (the user's stays theirs)."""

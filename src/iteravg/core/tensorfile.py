@@ -19,11 +19,11 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, loads_unique_keys
 
 __all__ = ["save_tensors", "load_tensors", "parse_tensors", "TensorFileError", "MAX_HEADER", "MAX_DIMS"]
 
@@ -74,15 +74,6 @@ def load_tensors(path: os.PathLike) -> Dict[str, np.ndarray]:
     return parse_tensors(data, str(path))
 
 
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate name {key[:80]!r}")
-        out[key] = value
-    return out
-
-
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -102,7 +93,7 @@ def parse_tensors(data: bytes, where: str = "tensor file") -> Dict[str, np.ndarr
         text = bytes(data[8 : 8 + n]).decode("utf-8")
         if not text.startswith("{"):
             raise ValueError("the header is not a JSON object")
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = loads_unique_keys(text)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise TensorFileError(f"{where} has a corrupted header: {' '.join(str(exc).split())[:200]}") from None
     if not isinstance(header, dict):
