@@ -176,6 +176,30 @@ def test_bitwise_equal_to_swa_utils_averaged_model(device, kind):
     assert not torch.equal(ours["0.weight"], model[0].weight.detach()), "nothing was averaged"
 
 
+@pytest.mark.parametrize("wrap", ["compile", "dataparallel"])
+def test_wrapped_models_average_like_the_plain_model_under_its_names(device, wrap):
+    """``torch.compile`` (OptimizedModule, names prefixed ``_orig_mod.``) and ``DataParallel`` (``module.``): the
+    averager finds the user's module, names the average as the plain model's ``state_dict`` does, and folds the same
+    bits as an averager on an unwrapped twin trained alike."""
+    import torch
+
+    import iteravg
+    from iteravg.torch import Averager
+
+    plain, inner = make_model(device), make_model(device)
+    wrapped = torch.compile(inner, backend="eager") if wrap == "compile" else torch.nn.DataParallel(inner)
+    assert all(k.startswith(("_orig_mod.", "module.")) for k in wrapped.state_dict())
+    ours = Averager(wrapped, started(iteravg.Schedule()), comm="local")
+    reference = Averager(plain, started(iteravg.Schedule()), comm="local")
+    train_steps(wrapped, 12, ours.step)
+    train_steps(plain, 12, reference.step)
+    got, want = ours.averaged_state_dict(), reference.averaged_state_dict()
+    assert set(got) == set(want) == set(inner.state_dict())
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name} differs ({wrap}, {device})"
+    assert not torch.equal(got["0.weight"], inner[0].weight.detach()), "nothing was averaged"
+
+
 def test_fingerprint_on_the_device_equals_the_numpy_fingerprint(device):
     """Odd lengths (a trailing partial 8-byte word), every dtype, a buffer longer than one chunk of the device
     computation, and the state's own fingerprint after folds."""
