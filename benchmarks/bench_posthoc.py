@@ -29,28 +29,7 @@ from mxnet.gluon import nn  # noqa: E402
 
 import iteravg  # noqa: E402
 import iteravg.mx as ours  # noqa: E402
-
-
-def dense_net(layers: int, units: int) -> nn.HybridBlock:
-    net = nn.HybridSequential()
-    with net.name_scope():
-        for _ in range(layers):
-            net.add(nn.Dense(units, in_units=units))
-    net.initialize(mx.init.Uniform())
-    net(mx.nd.ones((1, units)))
-    mx.nd.waitall()
-    return net
-
-
-def bandwidth(nbytes: int = 1 << 28, reps: int = 5) -> float:
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+from bench_update import bandwidth, dense_net  # noqa: E402  (this directory: the same model and bound)
 
 
 def median_times(fns: Sequence[Callable[[], object]], reps: int, warmup: int = 2) -> List[float]:
