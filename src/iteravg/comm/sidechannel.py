@@ -224,14 +224,7 @@ class StatusServer:
 
     def _drop(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
         self._conns.pop(conn.sock.fileno(), None)
-        try:
-            sel.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
+        _release(sel, conn.sock)
 
 
 # -- the client ------------------------------------------------------------------------------------
@@ -374,11 +367,16 @@ def _close(sel: selectors.BaseSelector, active: Dict[int, _Query], q: _Query) ->
     if q.sock is None:
         return
     active.pop(q.sock.fileno(), None)
+    _release(sel, q.sock)
+
+
+def _release(sel: selectors.BaseSelector, sock: socket.socket) -> None:
+    """Unregister and close a socket, whatever state a peer or stranger left it in (never raises)."""
     try:
-        sel.unregister(q.sock)
+        sel.unregister(sock)
     except (KeyError, ValueError, OSError):
         pass
     try:
-        q.sock.close()
+        sock.close()
     except OSError:
         pass
