@@ -164,8 +164,7 @@ def plot(run_dir: Path, rows: List[Dict[str, Any]], schedule_start: Optional[int
     import matplotlib.pyplot as plt  # noqa: WPS433
     from matplotlib.ticker import MaxNLocator  # noqa: WPS433
 
-    from iteravg.checkpoint import atomic_write
-    from iteravg.mx.report import UNITS
+    from iteravg.mx.report import UNITS, save_png
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100, layout="constrained")
     xs = [r["start_epoch"] for r in rows]
@@ -185,12 +184,7 @@ def plot(run_dir: Path, rows: List[Dict[str, Any]], schedule_start: Optional[int
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = run_dir / "posthoc.png"
-    atomic_write(path, buf.getvalue())
-    return path
+    return save_png(fig, run_dir / "posthoc.png")
 
 
 def _export(run: Any, start: int, out: Path) -> int:

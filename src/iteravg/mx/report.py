@@ -163,13 +163,16 @@ def _fmt_final(v: Optional[float]) -> str:
 
 def plot_losses(run_dir: Path, c: Curves, title: str) -> Path:
     """Write ``val_loss.png`` (atomically)."""
+    return save_png(figure(c, title), run_dir / "val_loss.png")
+
+
+def save_png(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG atomically (a reader never sees half a plot), then free it."""
     import matplotlib.pyplot as plt  # noqa: WPS433
 
-    fig = figure(c, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    path = run_dir / "val_loss.png"
     atomic_write(path, buf.getvalue())
     return path
 
